@@ -1,0 +1,109 @@
+"""taskexec: plan-driven job execution on a Celery worker fleet.
+
+Example:
+    >>> import taskexec
+    >>> plan = taskexec.parse_plan("tasks: [{id: hello, handler: stub}]")
+    >>> [manifest] = taskexec.compile_plan(plan)
+    >>> manifest.stages
+    [['hello']]
+"""
+
+from taskexec.client import Client, RunHandle
+from taskexec.compiler import compile_plan
+from taskexec.errors import (
+    AwaitApproval,
+    BrokerUnavailableError,
+    ControlSignal,
+    CriteriaError,
+    DatabaseUnavailableError,
+    DependencyCycleError,
+    HandlerNotAllowedError,
+    IllegalTransitionError,
+    ParamsError,
+    PlanError,
+    RetryableError,
+    RunNotFoundError,
+    ServiceUnavailableError,
+    TaskCancelled,
+    TaskexecError,
+    TaskFailed,
+    Throttled,
+    WorkerLostError,
+)
+from taskexec.models import (
+    ErrorCode,
+    FlowState,
+    LimitState,
+    ManifestTask,
+    Notify,
+    RateLimit,
+    RetryPolicy,
+    RunManifest,
+    RunResult,
+    RunStatistics,
+    RunStatus,
+    RunSummary,
+    StopConditions,
+    TaskResult,
+    TaskStatus,
+)
+from taskexec.plan import Plan, load_plan, parse_plan
+from taskexec.settings import Settings
+from workers.handlers.registry import HandlerContext, handler
+from workers.validators import validator
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # plans and manifests
+    "ManifestTask",
+    "Plan",
+    "RunManifest",
+    "compile_plan",
+    "load_plan",
+    "parse_plan",
+    # submitting and reading runs
+    "Client",
+    "RunHandle",
+    # handlers and validators (worker side)
+    "HandlerContext",
+    "handler",
+    "validator",
+    # policies
+    "Notify",
+    "RateLimit",
+    "RetryPolicy",
+    "StopConditions",
+    # results and statuses
+    "ErrorCode",
+    "FlowState",
+    "LimitState",
+    "RunResult",
+    "RunStatistics",
+    "RunStatus",
+    "RunSummary",
+    "TaskResult",
+    "TaskStatus",
+    # configuration
+    "Settings",
+    # errors
+    "BrokerUnavailableError",
+    "CriteriaError",
+    "DatabaseUnavailableError",
+    "DependencyCycleError",
+    "HandlerNotAllowedError",
+    "IllegalTransitionError",
+    "ParamsError",
+    "PlanError",
+    "RunNotFoundError",
+    "ServiceUnavailableError",
+    "TaskFailed",
+    "TaskexecError",
+    "WorkerLostError",
+    # control signals (raised by handlers, not failures)
+    "AwaitApproval",
+    "ControlSignal",
+    "RetryableError",
+    "TaskCancelled",
+    "Throttled",
+]

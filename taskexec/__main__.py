@@ -1,0 +1,5 @@
+"""`python -m taskexec`: the taskexec command."""
+
+from taskexec.cli import main
+
+main()

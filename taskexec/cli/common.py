@@ -1,0 +1,134 @@
+"""What every ``taskexec`` command shares: exit codes, error reporting, plan and client setup."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+from functools import wraps
+from typing import TYPE_CHECKING, NoReturn, ParamSpec, TypeVar
+
+import click
+from pydantic import ValidationError
+
+from taskexec.compiler import compile_plan
+from taskexec.errors import (
+    HandlerNotAllowedError,
+    PlanError,
+    RunNotFoundError,
+    ServiceUnavailableError,
+    TaskexecError,
+)
+from taskexec.models import RunManifest, RunResult, RunStatus
+from taskexec.plan import load_plan
+from taskexec.settings import Settings
+
+if TYPE_CHECKING:
+    from taskexec.client import Client
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_INVALID",
+    "EXIT_OK",
+    "EXIT_UNAVAILABLE",
+    "exit_for",
+    "fleet_or_embedded",
+    "labels",
+    "make_client",
+    "manifests",
+    "needs_fleet",
+    "user_errors",
+]
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _debug() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().params.get("debug"))
+
+
+def _fail(exc: BaseException, code: int) -> NoReturn:
+    if _debug():
+        traceback.print_exception(exc)
+    click.echo(f"taskexec: {exc}", err=True)
+    sys.exit(code)
+
+
+def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Turn taskexec's errors into one line on stderr and the contract's exit code."""
+
+    @wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except (PlanError, HandlerNotAllowedError, RunNotFoundError) as e:
+            _fail(e, EXIT_INVALID)
+        except ServiceUnavailableError as e:
+            _fail(e, EXIT_UNAVAILABLE)
+        except TaskexecError as e:
+            _fail(e, EXIT_FAILED)
+        except ValidationError as e:  # a TASKEXEC_* variable with a bad value
+            err = e.errors()[0]
+            name = "TASKEXEC_" + str(err["loc"][0]).upper() if err["loc"] else "environment"
+            _fail(PlanError(str(err["msg"]), path=name), EXIT_INVALID)
+
+    return wrapper
+
+
+def manifests(plan_path: str, settings: Settings, variant: str | None = None) -> list[RunManifest]:
+    """Load and compile a plan file."""
+    return compile_plan(load_plan(plan_path), settings, variant=variant)
+
+
+def make_client(settings: Settings | None = None) -> Client:
+    """A client for ``settings`` (default: the environment)."""
+    from taskexec.client import Client
+
+    return Client(settings or Settings())
+
+
+def needs_fleet(settings: Settings, what: str) -> None:
+    """Refuse a command that only makes sense with a broker configured."""
+    if settings.embedded:
+        raise PlanError(f"{what} needs a fleet: set TASKEXEC_BROKER_URL", path="TASKEXEC_BROKER_URL")
+
+
+def fleet_or_embedded(what: str) -> Settings:
+    """Settings of the fleet, or of the embedded ``taskexec run`` in progress under home.
+
+    Raises:
+        PlanError: Neither a broker is configured nor an embedded run is in progress.
+    """
+    settings = Settings()
+    if not settings.embedded:
+        return settings
+    from taskexec.embedded import attach
+
+    attached = attach(settings)
+    if attached is None:
+        raise PlanError(
+            f"{what} needs a fleet (TASKEXEC_BROKER_URL) or an embedded `taskexec run` in progress "
+            f"under TASKEXEC_HOME ({settings.home})",
+            path="TASKEXEC_BROKER_URL",
+        )
+    return attached
+
+
+def exit_for(results: list[RunResult]) -> int:
+    """0 when every run succeeded, else 1."""
+    return EXIT_OK if all(r.status is RunStatus.SUCCEEDED for r in results) else EXIT_FAILED
+
+
+def labels(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``KEY=VALUE`` options as a mapping."""
+    out: dict[str, str] = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key:
+            raise PlanError(f"a label is KEY=VALUE, not {p!r}", path="--label")
+        out[key] = value
+    return out

@@ -1,0 +1,303 @@
+"""Commands on runs: run, submit, status, results, watch, cancel, resume, runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TYPE_CHECKING
+
+import click
+from rich.console import Console
+
+from taskexec import report
+from taskexec.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    exit_for,
+    fleet_or_embedded,
+    make_client,
+    manifests,
+    needs_fleet,
+    user_errors,
+)
+from taskexec.cli.common import labels as labels_of
+from taskexec.models import RunManifest, RunResult, RunStatus
+from taskexec.settings import Settings
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import NoReturn
+
+    from taskexec.client import Client
+
+__all__ = ["cancel", "results", "resume", "run", "runs_", "status", "submit", "watch"]
+
+
+@click.command()
+@click.argument("plan", type=click.Path(dir_okay=True))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of run results.")
+@click.option("--variant", default=None, help="Run only this variant.")
+@click.option("--tenant", default=None, help="Tenant to record with the runs.")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label the runs (repeatable).")
+@click.option("--timeout", type=float, default=None, help="Stop waiting after this many seconds.")
+@click.option(
+    "--junit",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Also write the runs' results as JUnit XML to this file (for CI).",
+)
+@user_errors
+def run(
+    plan: str,
+    as_json: bool,
+    variant: str | None,
+    tenant: str | None,
+    labels: tuple[str, ...],
+    timeout: float | None,
+    junit: str | None,
+) -> None:
+    """Submit every variant of PLAN and wait for the runs (embedded mode without a broker).
+
+    Ctrl-C or SIGTERM stops waiting: in embedded mode the runs are cancelled and the
+    local worker and Redis stopped; on a fleet the runs go on. Exit status 128 + signal.
+    """
+    import signal
+    import time
+
+    def interrupted(exc: KeyboardInterrupt, what: str) -> NoReturn:
+        signum = int(getattr(exc, "signum", signal.SIGINT))
+        click.echo(f"taskexec: interrupted by {signal.Signals(signum).name}: {what}", err=True)
+        sys.exit(128 + signum)
+
+    settings = Settings()
+    found = manifests(plan, settings, variant)
+    label_map = labels_of(labels)
+    if settings.embedded:
+        from taskexec.embedded import EmbeddedFleet, interrupt_on_signals
+
+        fleet = EmbeddedFleet(
+            settings.home,
+            concurrency=settings.worker_concurrency,
+            base=settings,
+            notify=lambda message: click.echo(f"taskexec: {message}", err=True),
+        )
+        try:
+            with interrupt_on_signals(), fleet:
+                t0 = time.monotonic()
+                results = _run_and_wait(
+                    make_client(fleet.settings),
+                    found,
+                    tenant,
+                    label_map,
+                    as_json,
+                    timeout,
+                    junit,
+                    run_ids=fleet.runs,
+                    check=fleet.check,
+                )
+                fleet.timings["execution"] = time.monotonic() - t0
+        except KeyboardInterrupt as e:
+            ended = ", ".join(f"run {r} {s.value}" for r, s in fleet.settled.items()) or "no run submitted"
+            interrupted(e, f"stopped the embedded worker and Redis; {ended}")
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None and ctx.find_root().params.get("debug"):
+            phases = ("startup", "redis", "store", "execution", "shutdown", "worker_stop")
+            click.echo(
+                "taskexec: embedded timings: "
+                + " ".join(f"{k}={fleet.timings[k]:.3f}" for k in phases if k in fleet.timings),
+                err=True,
+            )
+    else:
+        run_ids: list[str] = []
+        try:
+            results = _run_and_wait(
+                make_client(settings), found, tenant, label_map, as_json, timeout, junit, run_ids=run_ids
+            )
+        except KeyboardInterrupt as e:
+            if not run_ids:
+                interrupted(e, "no run submitted")
+            interrupted(
+                e, f"stopped waiting; the fleet goes on with {' '.join(run_ids)} (taskexec watch RUN)"
+            )
+    sys.exit(exit_for(results))
+
+
+def _run_and_wait(
+    client: Client,
+    found: list[RunManifest],
+    tenant: str | None,
+    labels: dict[str, str],
+    as_json: bool,
+    timeout: float | None,
+    junit: str | None = None,
+    *,
+    run_ids: list[str],
+    check: Callable[[], None] | None = None,
+) -> list[RunResult]:
+    """Submit, follow the runs to their end (live on a terminal), print and return the results.
+
+    ``run_ids`` receives each run's id as soon as it is submitted (an embedded fleet settles
+    them if it has to stop early); ``check`` raises when the fleet running them died.
+    """
+    from pathlib import Path
+
+    from taskexec import live
+
+    with client:
+        for manifest in found:
+            run_ids.append(client.submit_all([manifest], tenant=tenant, labels=labels)[0].run_id)
+        interactive = not as_json and sys.stdout.isatty()
+        results = live.follow(client, list(run_ids), interactive=interactive, timeout=timeout, check=check)
+    if junit:
+        Path(junit).write_text(report.to_junit(results), encoding="utf-8")
+    if as_json:
+        click.echo(report.to_json(results))
+    elif not interactive:
+        for r in results:
+            click.echo(report.summary_line(r))
+    return results
+
+
+@click.command()
+@click.argument("plan", type=click.Path(dir_okay=True))
+@click.option("--variant", default=None, help="Submit only this variant.")
+@click.option("--tenant", default=None, help="Tenant to record with the runs.")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label the runs (repeatable).")
+@user_errors
+def submit(plan: str, variant: str | None, tenant: str | None, labels: tuple[str, ...]) -> None:
+    """Submit PLAN to the fleet and print the run ids, one a line."""
+    settings = Settings()
+    found = manifests(plan, settings, variant)
+    needs_fleet(settings, "submit (or `taskexec run`, which runs embedded)")
+    for handle in make_client(settings).submit_all(found, tenant=tenant, labels=labels_of(labels)):
+        click.echo(handle.run_id)
+
+
+@click.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--json", "as_json", is_flag=True, help="Print the run result as JSON.")
+@user_errors
+def status(run_id: str, as_json: bool) -> None:
+    """Show one run's result; exit 1 when it ended without success."""
+    client = make_client()
+    result = client.status(run_id)
+    if as_json:
+        click.echo(report.to_json(result))
+    else:
+        report.render_table(result, Console())
+        if not result.status.terminal and not client.settings.embedded:
+            _print_flow(client, run_id)
+    failed = result.status.terminal and result.status is not RunStatus.SUCCEEDED
+    sys.exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+def _print_flow(client: Client, run_id: str) -> None:
+    """Rate limits and concurrency slots of a running run, one line each."""
+    import redis
+
+    try:
+        flow = client.flow(run_id)
+    except (redis.RedisError, OSError):
+        return  # a status view without Redis still shows the store's truth
+    for limit in flow.limits:
+        click.echo(
+            f"rate limit {limit.name} ({limit.scope}, {limit.per_minute:g}/min, burst {limit.burst}): "
+            f"{limit.tokens:.1f} tokens available, {limit.waiting} task(s) waiting"
+        )
+    if flow.concurrency:
+        click.echo(f"concurrency: {flow.running} of {flow.concurrency} slots held")
+
+
+@click.command()
+@click.argument("run_id", metavar="RUN")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["json", "junit", "table", "html"]),
+    default="table",
+    show_default=True,
+    help="Output format: JSON, JUnit XML (for CI), a table, or an HTML timeline page.",
+)
+@user_errors
+def results(run_id: str, fmt: str) -> None:
+    """Print a run's task results as JSON, JUnit XML, a table or an HTML timeline."""
+    result = make_client().status(run_id)
+    if fmt == "json":
+        click.echo(report.to_json(result))
+    elif fmt == "junit":
+        click.echo(report.to_junit([result]))
+    elif fmt == "html":
+        click.echo(report.to_html([result]))
+    else:
+        report.render_table(result, Console())
+    sys.exit(exit_for([result]) if result.status.terminal else EXIT_OK)
+
+
+@click.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--timeout", type=float, default=None, help="Stop watching after this many seconds.")
+@user_errors
+def watch(run_id: str, timeout: float | None) -> None:
+    """Show a run's progress live until it ends."""
+    from taskexec import live
+
+    client = make_client()
+    client.status(run_id)  # RunNotFoundError early
+    interactive = sys.stdout.isatty()
+    try:
+        with client:
+            [result] = live.follow(client, [run_id], interactive=interactive, timeout=timeout)
+    except KeyboardInterrupt:
+        click.echo(f"taskexec: stopped watching {run_id}; the run goes on", err=True)
+        sys.exit(130)
+    if not interactive:
+        click.echo(report.summary_line(result))
+    sys.exit(exit_for([result]))
+
+
+@click.command()
+@click.argument("run_id", metavar="RUN")
+@user_errors
+def cancel(run_id: str) -> None:
+    """Cancel a run: queued tasks never run, running ones are told to stop."""
+    with make_client(fleet_or_embedded("cancel")) as client:
+        click.echo(f"{run_id}: {client.cancel(run_id).value}")
+
+
+@click.command()
+@click.argument("run_id", metavar="RUN")
+@user_errors
+def resume(run_id: str) -> None:
+    """Re-dispatch the unfinished part of a run from the store."""
+    settings = Settings()
+    needs_fleet(settings, "resume")
+    n = make_client(settings).resume(run_id)
+    click.echo(f"{run_id}: {n} unfinished task(s) dispatched again" if n else f"{run_id}: nothing to resume")
+
+
+@click.command(name="runs")
+@click.option(
+    "--status",
+    "status_",
+    type=click.Choice([s.value for s in RunStatus]),
+    default=None,
+    help="Only runs with this status.",
+)
+@click.option("--tenant", default=None, help="Only runs of this tenant.")
+@click.option("--label", default=None, metavar="KEY=VALUE", help="Only runs with this label.")
+@click.option("--limit", type=int, default=50, show_default=True, help="At most this many runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@user_errors
+def runs_(status_: str | None, tenant: str | None, label: str | None, limit: int, as_json: bool) -> None:
+    """List runs, newest first."""
+    pair = next(iter(labels_of((label,)).items())) if label else None
+    found = make_client().runs(status=status_, tenant=tenant, label=pair, limit=limit)
+    if as_json:
+        click.echo(json.dumps([r.model_dump(mode="json") for r in found], indent=2))
+        return
+    for r in found:
+        s = r.statistics
+        click.echo(
+            f"{r.run_id}  {r.submitted_at:%Y-%m-%d %H:%M:%S}  {r.status.value:<10} "
+            f"{r.plan_id}/{r.variant}  {s.succeeded}/{s.total} succeeded"
+        )

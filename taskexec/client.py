@@ -1,0 +1,337 @@
+"""The producer's Python API: submit plans, wait for runs, read results, cancel, resume.
+
+Example:
+    >>> from taskexec import Client, load_plan
+    >>> client = Client.from_env()                       # doctest: +SKIP
+    >>> run = client.submit(load_plan("examples/quickstart.yaml"))  # doctest: +SKIP
+    >>> run.wait(timeout=120).status                     # doctest: +SKIP
+    <RunStatus.SUCCEEDED: 'succeeded'>
+"""
+
+from __future__ import annotations
+
+import getpass
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery
+
+from taskexec import producer
+from taskexec.celery_app import close_app, create_app, redis_url
+from taskexec.compiler import compile_plan
+from taskexec.errors import HandlerNotAllowedError, PlanError
+from taskexec.models import (
+    FlowState,
+    LimitState,
+    ManifestTask,
+    RetryPolicy,
+    RunManifest,
+    RunResult,
+    RunStatus,
+    RunSummary,
+    TaskResult,
+    TaskStatus,
+)
+from taskexec.plan import Plan
+from taskexec.ratelimit import RateLimiter, Slots, bucket_key, slots_key
+from taskexec.settings import Settings
+from taskexec.store import Store, results, upgrade
+from taskexec.store import repository as repo
+
+__all__ = ["Client", "RunHandle"]
+
+
+@dataclass(frozen=True)
+class RunHandle:
+    """A submitted run.
+
+    Example:
+        >>> handle.wait(timeout=60).statistics.succeeded  # doctest: +SKIP
+        4
+    """
+
+    run_id: str
+    client: Client
+
+    def status(self) -> RunResult:
+        """The run's result as it stands now."""
+        return self.client.status(self.run_id)
+
+    def wait(self, timeout: float | None = None, poll: float = 0.2) -> RunResult:
+        """Block until the run ends (or ``timeout`` seconds pass); its result."""
+        return self.client.wait(self.run_id, timeout=timeout, poll=poll)
+
+    def cancel(self) -> RunStatus:
+        """Cancel the run; its status after the call."""
+        return self.client.cancel(self.run_id)
+
+
+class Client:
+    """Talks to a fleet: the broker (Celery), Redis and the result store.
+
+    Example:
+        >>> client = Client(Settings(broker_url="redis://127.0.0.1:6379/0",
+        ...                          database_url="postgresql://postgres@127.0.0.1/taskexec"))
+        ...                                                   # doctest: +SKIP
+    """
+
+    def __init__(
+        self, settings: Settings | None = None, *, app: Celery | None = None, store: Store | None = None
+    ) -> None:
+        self.settings = settings or Settings()
+        self._app = app
+        self._store = store
+        self._owned: list[str] = []  # what close() closes: only what this client created
+        self._redis: redis.Redis | None = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connections this client opened (Redis, the store's pool, the broker's)."""
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
+        if self._store is not None and "store" in self._owned:
+            self._store.close()
+        if self._app is not None and "app" in self._owned:
+            close_app(self._app)
+
+    @classmethod
+    def from_env(cls) -> Client:
+        """A client configured by the ``TASKEXEC_*`` environment variables."""
+        return cls(Settings())
+
+    @property
+    def app(self) -> Celery:
+        """The Celery app used to publish (created on first use)."""
+        if self._app is None:
+            self._app = create_app(self.settings)
+            self._owned.append("app")
+        return self._app
+
+    @property
+    def store(self) -> Store:
+        """The result store (created on first use)."""
+        if self._store is None:
+            self._store = Store.from_settings(self.settings)
+            self._owned.append("store")
+            if self.settings.embedded and not self.settings.database_url:
+                # Embedded mode owns its SQLite file: reading a fresh home is an empty store.
+                upgrade(self._store)
+        return self._store
+
+    @property
+    def redis(self) -> redis.Redis:
+        """A Redis client for the broker's server (rate limits, events, cancel flags)."""
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(
+                redis_url(self.settings), socket_connect_timeout=5, socket_timeout=10
+            )
+        return self._redis
+
+    def manifests(self, plan: Plan | RunManifest, variant: str | None = None) -> list[RunManifest]:
+        """The manifests a plan compiles to (a manifest stands for itself)."""
+        if isinstance(plan, RunManifest):
+            return [plan]
+        return compile_plan(plan, self.settings, variant=variant)
+
+    def submit(
+        self,
+        plan: Plan | RunManifest,
+        *,
+        tenant: str | None = None,
+        labels: dict[str, str] | None = None,
+        variant: str | None = None,
+    ) -> RunHandle:
+        """Submit one run: a manifest, or a plan with one variant (or ``variant`` named).
+
+        Raises:
+            PlanError: The plan is invalid, or has several variants and none was named.
+        """
+        manifests = self.manifests(plan, variant)
+        if len(manifests) != 1:
+            raise PlanError(
+                f"the plan has {len(manifests)} variants: name one, or use submit_all", path="variant"
+            )
+        return self.submit_all(manifests, tenant=tenant, labels=labels)[0]
+
+    def submit_all(
+        self,
+        plan: Plan | RunManifest | list[RunManifest],
+        *,
+        tenant: str | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> list[RunHandle]:
+        """Submit one run per variant of a plan (or per manifest given)."""
+        manifests = plan if isinstance(plan, list) else self.manifests(plan)
+        self.store.check()
+        return [
+            RunHandle(
+                producer.submit(self.app, self.store, m, client=self.redis, tenant=tenant, labels=labels),
+                self,
+            )
+            for m in manifests
+        ]
+
+    def execute(
+        self,
+        handler: str,
+        params: dict[str, Any] | None = None,
+        *,
+        timeout: float = 60.0,
+        retry: RetryPolicy | None = None,
+        tenant: str | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> TaskResult:
+        """Run one task on the fleet and wait for it: a run of a single task.
+
+        Example:
+            >>> client.execute("shell", {"argv": ["echo", "hi"]}).output["stdout"]  # doctest: +SKIP
+            'hi\\n'
+
+        Args:
+            handler: An allowed handler name (``shell``, ``http``, ``stub``, ``python:...``).
+            params: Its params.
+            timeout: The task's time limit, in seconds; the wait allows a minute more.
+            retry: Its retry policy (default: one attempt).
+            tenant: Recorded with the run.
+            labels: Recorded with the run.
+
+        Raises:
+            PlanError: The handler is not allowed or the params are not a mapping.
+            TimeoutError: The task did not end in time.
+        """
+        task = ManifestTask(
+            id="task",
+            stage=0,
+            handler=handler,
+            params=params or {},
+            timeout=timeout,
+            retry=retry or RetryPolicy(max_attempts=1),
+        )
+        if not self.settings.handler_allowed(handler):
+            raise HandlerNotAllowedError(f"handler {handler!r} is not allowed here", path="handler")
+        manifest = RunManifest(plan_id="execute", stages=[["task"]], tasks=[task])
+        handle = self.submit(manifest, tenant=tenant, labels=labels)
+        result = handle.wait(timeout=timeout * task.retry.max_attempts + 60)
+        if not result.status.terminal:
+            raise TimeoutError(f"run {handle.run_id} did not end in time")
+        return result.tasks[0]
+
+    def status(self, run_id: str) -> RunResult:
+        """A run with its task results, as stored now."""
+        with self.store.begin() as s:
+            return results.run_result(s, run_id)
+
+    def flow(self, run_id: str) -> FlowState:
+        """A run's rate limits (tokens available, tasks waiting) and concurrency slots, now.
+
+        Example:
+            >>> for limit in client.flow(run_id).limits:  # doctest: +SKIP
+            ...     print(limit.name, limit.tokens, limit.waiting)
+            llm 3.5 12
+        """
+        with self.store.begin() as s:
+            run = repo.get_run(s, run_id)
+            manifest = repo.load_manifest(run)
+            tenant = run.tenant
+        limiter = RateLimiter(self.redis)
+        limits = []
+        for name, limit in sorted(manifest.rate_limits.items()):
+            tokens, waiting = limiter.peek(bucket_key(name, limit, run_id=run_id, tenant=tenant), limit)
+            limits.append(
+                LimitState(
+                    name=name,
+                    scope=limit.scope,
+                    per_minute=limit.per_minute,
+                    burst=limit.burst,
+                    tokens=round(tokens, 3),
+                    waiting=waiting,
+                )
+            )
+        held = Slots(self.redis).held(slots_key(run_id)) if manifest.concurrency else 0
+        return FlowState(limits=limits, concurrency=manifest.concurrency, running=held)
+
+    def results(self, run_id: str) -> list[TaskResult]:
+        """The task results of a run."""
+        return self.status(run_id).tasks
+
+    def wait(self, run_id: str, timeout: float | None = None, poll: float = 0.2) -> RunResult:
+        """Block until a run ends (or ``timeout`` seconds pass); its result then."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self.store.begin() as s:
+                status = RunStatus(repo.get_run(s, run_id).status)
+            if status.terminal or (deadline is not None and time.monotonic() >= deadline):
+                return self.status(run_id)
+            time.sleep(poll)
+
+    def cancel(self, run_id: str) -> RunStatus:
+        """Cancel a run; it ends ``cancelled`` once no task of it runs any more."""
+        return producer.cancel(self.app, self.store, run_id, client=self.redis)
+
+    def approve(
+        self,
+        run_id: str,
+        task_id: str,
+        *,
+        reject: bool = False,
+        reason: str | None = None,
+        by: str | None = None,
+    ) -> TaskStatus:
+        """Decide an approval gate: approve it (the task succeeds), or reject it (E012).
+
+        Example:
+            >>> client.approve(run_id, "go-live", by="ana", reason="staging is green")  # doctest: +SKIP
+            <TaskStatus.SUCCEEDED: 'succeeded'>
+
+        Raises:
+            PlanError: The task is not waiting for approval.
+        """
+        who = by or f"{getpass.getuser()}@{socket.gethostname()}"
+        return producer.decide(
+            self.app,
+            self.store,
+            run_id,
+            task_id,
+            approve=not reject,
+            by=who,
+            reason=reason,
+            client=self.redis,
+        )
+
+    def retry(self, run_id: str, tasks: list[str] | None = None) -> list[str]:
+        """Run a run's failed (or the named) tasks again in the same run; the ids reopened.
+
+        Succeeded tasks and their outputs are kept; what was skipped downstream runs too.
+
+        Example:
+            >>> client.retry(run_id)  # doctest: +SKIP
+            ['deploy', 'smoke-test']
+        """
+        return producer.retry_run(self.app, self.store, run_id, tasks, client=self.redis)
+
+    def resume(self, run_id: str) -> int:
+        """Re-dispatch the unfinished part of a run from the store; tasks re-queued."""
+        return producer.resume(self.app, self.store, run_id, client=self.redis)
+
+    def runs(
+        self,
+        *,
+        status: RunStatus | str | None = None,
+        tenant: str | None = None,
+        label: tuple[str, str] | None = None,
+        limit: int = 100,
+    ) -> list[RunSummary]:
+        """Runs, newest first, filtered by status, tenant or one label ``(key, value)``."""
+        with self.store.begin() as s:
+            return results.list_runs(
+                s, status=RunStatus(status) if status else None, tenant=tenant, label=label, limit=limit
+            )

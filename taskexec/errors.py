@@ -1,0 +1,179 @@
+"""One rooted error tree for taskexec; every class maps to one E0xx code.
+
+::
+
+    TaskexecError
+    ├── PlanError                  E001  a plan or an argument is invalid (names the field path)
+    │   └── DependencyCycleError   E001  the dependencies of a plan form a cycle
+    ├── HandlerNotAllowedError     E010  a handler is unknown or not allowed by the operator
+    ├── CriteriaError              E007  an output criterion could not be evaluated
+    ├── IllegalTransitionError     E003  a status change the state machine forbids
+    ├── RunNotFoundError           E001  no run with that id in the store
+    ├── ServiceUnavailableError          a service cannot be reached (CLI exit 3)
+    │   ├── DatabaseUnavailableError E006
+    │   ├── BrokerUnavailableError   E013
+    │   └── WorkerLostError          E011  the embedded worker died during a run
+    ├── TaskFailed                 E003  a handler failed for good: no retry
+    │   └── ParamsError            E001  a task's params are invalid for its handler
+    └── ControlSignal                    control flow, not failures
+        ├── RetryableError         E003  a handler asks to be retried with backoff
+        ├── TaskCancelled          E004  the run was cancelled while the task ran
+        ├── AwaitApproval          E012  the task waits for a person's decision (approval gate)
+        └── Throttled              E003  a task waits (token, slot, lease): re-queued, no attempt spent
+
+Handler authors raise :class:`TaskFailed` or :class:`RetryableError`; any other
+exception a handler raises counts as an execution error and is retried.
+"""
+
+from __future__ import annotations
+
+from taskexec.models import ErrorCode
+
+__all__ = [
+    "AwaitApproval",
+    "BrokerUnavailableError",
+    "ControlSignal",
+    "CriteriaError",
+    "DatabaseUnavailableError",
+    "DependencyCycleError",
+    "HandlerNotAllowedError",
+    "IllegalTransitionError",
+    "ParamsError",
+    "PlanError",
+    "RetryableError",
+    "RunNotFoundError",
+    "ServiceUnavailableError",
+    "TaskCancelled",
+    "TaskFailed",
+    "TaskexecError",
+    "Throttled",
+    "WorkerLostError",
+]
+
+
+class TaskexecError(Exception):
+    """Root of every error taskexec raises on purpose."""
+
+    code: ErrorCode = ErrorCode.EXECUTION_ERROR
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = path
+
+    def __str__(self) -> str:
+        where = f" {self.path}" if self.path else ""
+        return f"{self.code.value}{where}: {self.message}"
+
+
+class PlanError(TaskexecError):
+    """A plan, a plan file or a command argument is invalid."""
+
+    code = ErrorCode.VALIDATION
+
+
+class DependencyCycleError(PlanError):
+    """The dependencies of a plan form a cycle; ``cycle`` lists it, first id repeated last."""
+
+    def __init__(self, cycle: list[str], *, path: str | None = None) -> None:
+        super().__init__("dependency cycle: " + " -> ".join(cycle), path=path)
+        self.cycle = cycle
+
+
+class HandlerNotAllowedError(TaskexecError):
+    """A handler is unknown, or the operator does not allow it."""
+
+    code = ErrorCode.HANDLER_NOT_ALLOWED
+
+
+class CriteriaError(TaskexecError):
+    """An output criterion could not be evaluated (bad path, bad operand types)."""
+
+    code = ErrorCode.CRITERIA_ERROR
+
+
+class IllegalTransitionError(TaskexecError):
+    """A status change that the task or run state machine forbids."""
+
+    code = ErrorCode.EXECUTION_ERROR
+
+
+class RunNotFoundError(TaskexecError):
+    """No run with the given id exists in the store."""
+
+    code = ErrorCode.VALIDATION
+
+
+class ServiceUnavailableError(TaskexecError):
+    """A service taskexec needs (broker, database) cannot be reached."""
+
+
+class DatabaseUnavailableError(ServiceUnavailableError):
+    """The result store cannot be reached or refused the operation."""
+
+    code = ErrorCode.DATABASE_ERROR
+
+
+class BrokerUnavailableError(ServiceUnavailableError):
+    """The Celery broker or the Redis server cannot be reached."""
+
+    code = ErrorCode.BROKER_UNAVAILABLE
+
+
+class WorkerLostError(ServiceUnavailableError):
+    """The embedded Celery worker died while runs were in progress."""
+
+    code = ErrorCode.WORKER_LOST
+
+
+class TaskFailed(TaskexecError):
+    """Raised by a handler: the task failed for good and must not be retried."""
+
+    code = ErrorCode.EXECUTION_ERROR
+
+
+class ParamsError(TaskFailed):
+    """A task's params are invalid for its handler: retrying cannot help."""
+
+    code = ErrorCode.VALIDATION
+
+
+class ControlSignal(TaskexecError):
+    """Base of control-flow signals: they steer execution and are not failures."""
+
+
+class RetryableError(ControlSignal):
+    """Raised by a handler: the attempt failed, retry it with backoff while attempts remain."""
+
+    code = ErrorCode.EXECUTION_ERROR
+
+
+class TaskCancelled(ControlSignal):
+    """The run of the task was cancelled while the task was running."""
+
+    code = ErrorCode.CANCELLED
+
+
+class AwaitApproval(ControlSignal):
+    """Raised by the ``approval`` handler: the task waits for a decision, holding no worker.
+
+    ``timeout`` (seconds, optional) rejects it when no decision came in time.
+    """
+
+    code = ErrorCode.APPROVAL_REJECTED
+
+    def __init__(self, message: str, *, timeout: float | None = None) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+
+
+class Throttled(ControlSignal):
+    """A task waits for a rate-limit token, a concurrency slot or another copy's lease.
+
+    Shown as the reason of the Celery retry (in logs and Flower); it spends no attempt.
+    """
+
+    code = ErrorCode.EXECUTION_ERROR
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message or "waiting")

@@ -1,0 +1,247 @@
+"""Run results as JSON, JUnit XML, an HTML timeline, a terminal table or one summary line.
+
+JUnit follows the schema CI systems read (Jenkins xunit's ``junit-10.xsd``, which GitLab
+and the GitHub test reporters also accept): one ``<testsuite>`` per run (a variant), one
+``<testcase>`` per task, ``<failure>`` for a task that ended failed / validation_failed /
+timed_out, ``<error>`` for ``error``, ``<skipped>`` for skipped and cancelled tasks, and
+the time each task took. The HTML timeline is one self-contained page.
+
+Example:
+    >>> print(summary_line(result))  # doctest: +SKIP
+    quickstart/default 3f2a…: succeeded, 13/13 succeeded, 2 retries, 4.1 s
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from datetime import UTC
+
+from rich.console import Console
+from rich.table import Table
+
+from taskexec.models import RunResult, RunStatus, TaskResult, TaskStatus
+
+__all__ = ["STATUS_STYLE", "render_table", "summary_line", "to_html", "to_json", "to_junit"]
+
+#: Colour of each status in terminal output.
+STATUS_STYLE = {
+    "succeeded": "green",
+    "failed": "red",
+    "validation_failed": "red",
+    "timed_out": "red",
+    "error": "red",
+    "running": "yellow",
+    "validating": "yellow",
+    "retrying": "magenta",
+    "waiting_approval": "bold magenta",
+    "queued": "cyan",
+    "pending": "dim",
+    "skipped": "dim",
+    "cancelled": "dim",
+}
+
+_FAILURES = (TaskStatus.FAILED, TaskStatus.VALIDATION_FAILED, TaskStatus.TIMED_OUT)
+#: Characters XML 1.0 cannot carry (a shell command's ANSI colours, say): shown escaped.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def to_json(results: RunResult | Sequence[RunResult]) -> str:
+    """One run result as a JSON object, or several as a JSON list (the CLI contract's shape)."""
+    if isinstance(results, RunResult):
+        return results.model_dump_json(indent=2)
+    return "[" + ",\n".join(r.model_dump_json(indent=2) for r in results) + "]"
+
+
+def _seconds(task: TaskResult) -> float:
+    if task.started_at and task.finished_at:
+        return max(0.0, (task.finished_at - task.started_at).total_seconds())
+    return 0.0
+
+
+def _xml_text(text: str) -> str:
+    return _NOT_XML.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _problem(t: TaskResult) -> tuple[str, str]:
+    """A task's ``(message, details)``: ``E005: why`` and the lines a CI report shows under it."""
+    message = _xml_text(": ".join(x for x in (t.error_code, t.error_message) if x) or t.status.value)
+    details = [f"status: {t.status.value}", f"attempts: {t.attempts}"]
+    if t.worker:
+        details.append(f"worker: {t.worker}")
+    details.append(message)
+    return message, "\n".join(details)
+
+
+def to_junit(results: Sequence[RunResult]) -> str:
+    """JUnit XML as CI systems read it (the Jenkins xunit ``junit-10.xsd`` schema).
+
+    A ``<testsuite>`` per run (so one per variant), a ``<testcase>`` per task with the time
+    it took (first attempt's start to its end, retries included); ``<failure>`` for
+    failed, validation_failed and timed_out, ``<error>`` for error, with the error code as
+    ``type`` and ``code: message`` as ``message``; ``<skipped>`` for skipped, cancelled and
+    not yet finished tasks; the task's output as ``<system-out>``.
+    """
+    root = ET.Element("testsuites", name="taskexec")
+    totals = {"tests": 0, "failures": 0, "errors": 0}
+    total_time = 0.0
+    for r in results:
+        suite = ET.SubElement(root, "testsuite", name=f"{r.plan_id}/{r.variant}", id=r.run_id)
+        props = ET.SubElement(suite, "properties")
+        for name, value in (
+            ("run_id", r.run_id),
+            ("plan_id", r.plan_id),
+            ("variant", r.variant),
+            ("status", r.status.value),
+            ("error_message", r.error_message),
+        ):
+            if value:
+                ET.SubElement(props, "property", name=name, value=_xml_text(value))
+        counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+        for t in r.tasks:
+            case = ET.SubElement(
+                suite, "testcase", name=t.id, classname=f"{r.plan_id}.{r.variant}", time=f"{_seconds(t):.3f}"
+            )
+            counts["tests"] += 1
+            message, details = _problem(t)
+            kind = {TaskStatus.ERROR: "error"}.get(t.status, "failure" if t.status in _FAILURES else "")
+            if kind:
+                counts["failures" if kind == "failure" else "errors"] += 1
+                code = t.error_code.value if t.error_code else t.status.value
+                ET.SubElement(case, kind, message=message, type=code).text = details
+            elif t.status in (TaskStatus.SKIPPED, TaskStatus.CANCELLED):
+                counts["skipped"] += 1
+                ET.SubElement(case, "skipped", message=message)
+            elif t.status is not TaskStatus.SUCCEEDED:  # the run has not ended yet
+                counts["skipped"] += 1
+                ET.SubElement(case, "skipped", message=f"still {t.status.value}")
+            if t.output is not None:
+                out = json.dumps(t.output, default=str, ensure_ascii=False)[:100_000]
+                ET.SubElement(case, "system-out").text = _xml_text(out)
+        duration = r.statistics.duration_seconds or 0.0
+        total_time += duration
+        suite.set("time", f"{duration:.3f}")
+        suite.set("timestamp", r.submitted_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+        for k, v in counts.items():
+            suite.set(k, str(v))
+            if k in totals:
+                totals[k] += v
+    for k, v in totals.items():
+        root.set(k, str(v))
+    root.set("time", f"{total_time:.3f}")
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True)
+
+
+_HTML_COLOUR = {
+    "succeeded": "#2e9d4f",
+    "failed": "#d0363a",
+    "validation_failed": "#e0703a",
+    "timed_out": "#b02a7a",
+    "error": "#8b1d1d",
+    "cancelled": "#9a9a9a",
+    "skipped": "#c8c8c8",
+}
+_HTML_STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
+h2{font-size:1.1em;margin:1.5em 0 .3em}
+table{border-collapse:collapse;width:100%}
+td,th{padding:2px 6px;border-bottom:1px solid #eee;text-align:left;white-space:nowrap;font-size:13px}
+td.bar{width:60%;position:relative;padding:0}
+td.bar div{position:absolute;top:3px;bottom:3px;min-width:2px;border-radius:2px}
+td.msg{white-space:normal;color:#666;max-width:30em}
+.legend span{display:inline-block;margin-right:1em}
+.legend i{display:inline-block;width:.9em;height:.9em;margin-right:.3em;vertical-align:-1px}
+"""
+
+
+def to_html(results: Sequence[RunResult]) -> str:
+    """A self-contained HTML timeline: per run, a row per task with a bar from start to finish."""
+    from html import escape
+
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>taskexec timeline</title>",
+        f"<style>{_HTML_STYLE}</style></head><body>",
+        "<p class='legend'>"
+        + "".join(f"<span><i style='background:{c}'></i>{escape(n)}</span>" for n, c in _HTML_COLOUR.items())
+        + "</p>",
+    ]
+    for r in results:
+        started = [t for t in r.tasks if t.started_at]
+        t0 = min((t.started_at for t in started if t.started_at), default=r.submitted_at)
+        end = max((t.finished_at or t.started_at or t0 for t in started), default=t0)
+        span = max(1e-3, (end - t0).total_seconds())
+        parts.append(f"<h2>{escape(summary_line(r))}</h2>")
+        parts.append(
+            f"<table><tr><th>task</th><th>stage</th><th>status</th><th>attempts</th><th>time</th>"
+            f"<th>0 s … {span:.2f} s</th><th>message</th></tr>"
+        )
+        for t in r.tasks:
+            bar = ""
+            if t.started_at:
+                left = (t.started_at - t0).total_seconds() / span * 100
+                width = _seconds(t) / span * 100
+                colour = _HTML_COLOUR.get(t.status.value, "#e0b03a")
+                tip = f"{t.id}: {t.status.value}, {_seconds(t):.3f} s, attempt {t.attempts}"
+                bar = (
+                    f"<div style='left:{left:.2f}%;width:{width:.2f}%;background:{colour}' "
+                    f"title='{escape(tip, quote=True)}'></div>"
+                )
+            message = ": ".join(x for x in (t.error_code, t.error_message) if x)
+            parts.append(
+                f"<tr><td>{escape(t.id)}</td><td>{t.stage}</td><td>{escape(t.status.value)}</td>"
+                f"<td>{t.attempts}</td><td>{_seconds(t):.2f} s</td><td class='bar'>{bar}</td>"
+                f"<td class='msg'>{escape(message[:300])}</td></tr>"
+            )
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def summary_line(result: RunResult) -> str:
+    """``plan/variant run: status, n/total succeeded, retries, duration``."""
+    s = result.statistics
+    parts = [f"{s.succeeded}/{s.total} succeeded"]
+    for name in ("failed", "validation_failed", "timed_out", "error", "skipped", "cancelled"):
+        n = getattr(s, name)
+        if n:
+            parts.append(f"{n} {name}")
+    if s.retries:
+        parts.append(f"{s.retries} retries")
+    if s.duration_seconds is not None:
+        parts.append(f"{s.duration_seconds:.1f} s")
+    return f"{result.plan_id}/{result.variant} {result.run_id}: {result.status.value}, " + ", ".join(parts)
+
+
+def render_table(result: RunResult, console: Console, *, limit: int = 200) -> None:
+    """A table of a run's tasks (failures first when there are more than ``limit``)."""
+    table = Table(expand=False)
+    for col in ("task", "stage", "status", "attempts", "code", "time", "message"):
+        table.add_column(
+            col, overflow="fold", justify="right" if col in ("stage", "attempts", "time") else "left"
+        )
+    tasks = result.tasks
+    if len(tasks) > limit:
+        tasks = sorted(tasks, key=lambda t: t.status is TaskStatus.SUCCEEDED)[:limit]
+    for t in tasks:
+        style = STATUS_STYLE.get(t.status.value, "")
+        table.add_row(
+            t.id,
+            str(t.stage),
+            f"[{style}]{t.status.value}[/]" if style else t.status.value,
+            str(t.attempts),
+            t.error_code or "",
+            f"{_seconds(t):.2f} s" if t.started_at else "",
+            (t.error_message or "")[:200],
+        )
+    if result.status is RunStatus.SUCCEEDED:
+        style = "bold green"
+    else:
+        style = "bold red" if result.status.terminal else "bold"
+    # The summary above the table, not as its title: a title wraps at the table's width.
+    console.print(summary_line(result), style=style, highlight=False, soft_wrap=True)
+    console.print(table)
+    if len(result.tasks) > limit:
+        console.print(f"… {len(result.tasks) - limit} more tasks (use --format json for all)")

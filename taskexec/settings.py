@@ -1,0 +1,142 @@
+"""Configuration from ``TASKEXEC_*`` environment variables, built once and passed in.
+
+With no ``TASKEXEC_BROKER_URL`` taskexec runs in embedded mode: a private Redis server
+and a SQLite store under ``TASKEXEC_HOME``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["DEFAULT_ALLOWED_HANDLERS", "Settings"]
+
+#: Handlers a worker runs when the operator allows nothing else. ``python:`` handlers
+#: are never allowed by default: they run code named by the plan.
+DEFAULT_ALLOWED_HANDLERS = ("shell", "http", "stub", "approval")
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """All of taskexec's configuration.
+
+    Example:
+        >>> Settings(broker_url="redis://127.0.0.1:6379/0").embedded
+        False
+    """
+
+    model_config = SettingsConfigDict(env_prefix="TASKEXEC_", extra="ignore", frozen=True)
+
+    broker_url: str | None = Field(None, description="Celery broker, a Redis URL. Unset: embedded mode.")
+    result_backend: str | None = Field(
+        None, description="Celery result backend (Redis only: chords need it). Default: the broker."
+    )
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the result store. Default: SQLite under home."
+    )
+    redis_url: str | None = Field(
+        None, description="Redis for rate limits, run events and locks. Default: the broker."
+    )
+    allowed_handlers: CommaList = Field(
+        default_factory=lambda: list(DEFAULT_ALLOWED_HANDLERS),
+        description="Comma-separated handler names workers may run; `python:PREFIX` allows "
+        "python handlers from modules PREFIX and PREFIX.*",
+    )
+    handler_modules: CommaList = Field(
+        default_factory=list, description="Modules workers import to register handlers."
+    )
+    home: Path = Field(Path(".taskexec"), description="Embedded mode's Redis socket and SQLite file.")
+    worker_concurrency: int | None = Field(
+        None, ge=1, description="Prefork processes per worker. Default: the CPU count (fleet), 4 (embedded)."
+    )
+    visibility_timeout: int = Field(
+        3600,
+        ge=1,
+        description="Seconds before Redis redelivers an unacked message; above the longest task timeout.",
+    )
+    max_task_timeout: float = Field(
+        1800, gt=0, description="Largest timeout a plan may give a task; below visibility_timeout."
+    )
+    lease_seconds: float = Field(
+        30.0,
+        ge=0.5,
+        le=3600,
+        description="A running task's claim (and concurrency slot) lasts this long unless its worker "
+        "renews it (every third of it); a lost worker's task is taken over after it.",
+    )
+    reconcile_interval: float = Field(
+        15.0,
+        ge=0.5,
+        description="Seconds between two rounds of the reconciler (lost stages, leases, backoffs).",
+    )
+    db_retry_seconds: float = Field(
+        30.0, ge=0, description="How long a store operation keeps retrying while the database is unreachable."
+    )
+    max_output_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Largest task output (as JSON) a worker stores."
+    )
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="Key of the HMAC-SHA256 signature of webhook bodies (header X-Taskexec-Signature). "
+        "Unset: webhooks are sent unsigned.",
+    )
+    webhook_timeout: float = Field(10.0, gt=0, le=300, description="Seconds one webhook POST may take.")
+    webhook_attempts: int = Field(
+        8, ge=1, le=50, description="POSTs of one webhook at most (5xx, 429, connection errors retry)."
+    )
+    webhook_backoff: float = Field(
+        2.0, gt=0, le=3600, description="Seconds before the first webhook retry; doubled per retry."
+    )
+    beat_lock_seconds: float = Field(
+        30.0,
+        ge=2,
+        le=3600,
+        description="`taskexec beat` holds its Redis lock this long unless it renews it; a standby beat "
+        "takes over at most this long after the active one died.",
+    )
+    beat_refresh_seconds: float = Field(
+        5.0, ge=0.5, le=3600, description="How often `taskexec beat` re-reads the schedules table."
+    )
+
+    @field_validator("allowed_handlers", "handler_modules", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _timeouts_fit(self) -> Settings:
+        if self.max_task_timeout >= self.visibility_timeout:
+            raise ValueError(
+                f"max_task_timeout ({self.max_task_timeout:g} s) must be below visibility_timeout "
+                f"({self.visibility_timeout} s): Redis would deliver a running task a second time"
+            )
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """Whether no broker is configured, so taskexec starts its own."""
+        return not self.broker_url
+
+    def handler_allowed(self, name: str) -> bool:
+        """Whether workers may run the handler ``name`` (``python:mod.sub:func`` included).
+
+        >>> Settings(allowed_handlers="stub,python:mypkg").handler_allowed("python:mypkg.x:f")
+        True
+        """
+        if not name.startswith("python:"):
+            return name in self.allowed_handlers
+        module = name.split(":")[1] if name.count(":") == 2 else ""
+        if not module:
+            return False
+        for entry in self.allowed_handlers:
+            if entry.startswith("python:"):
+                prefix = entry.removeprefix("python:")
+                if prefix and (module == prefix or module.startswith(prefix + ".")):
+                    return True
+        return False

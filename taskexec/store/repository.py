@@ -1,0 +1,542 @@
+"""Reads and writes of the result store. Every function takes a Session and never commits.
+
+State changes are conditional UPDATEs (``... WHERE status IN (allowed predecessors)``):
+a duplicate delivery of a message, or two workers racing, changes a row at most once,
+and each change that happened writes one ``execution_logs`` row. The caller frames the
+transaction (``with store.begin() as session``) and publishes messages only after it
+commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from taskexec.errors import IllegalTransitionError, RunNotFoundError
+from taskexec.models import (
+    RUN_TRANSITIONS,
+    TASK_TRANSITIONS,
+    ErrorCode,
+    RunManifest,
+    RunStatus,
+    TaskStatus,
+)
+from taskexec.store.tables import Execution, ExecutionLog, ExecutionMetric, Run, utcnow
+
+__all__ = [
+    "Change",
+    "add_run",
+    "TaskState",
+    "claim_attempt",
+    "claim_stage",
+    "count_failures",
+    "count_throttled",
+    "get_run",
+    "load_manifest",
+    "log_line",
+    "outputs_of",
+    "record_metrics",
+    "renew_lease",
+    "reopen_tasks",
+    "set_run_status",
+    "set_task_status",
+    "set_tasks_status",
+    "task_state",
+    "task_statuses",
+]
+
+#: A task in one of these has a message on its way or a worker on it.
+ACTIVE = (TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.RETRYING, TaskStatus.VALIDATING)
+#: Not over yet: active, or waiting for a person's decision (no message, no worker).
+UNSETTLED = (*ACTIVE, TaskStatus.WAITING_APPROVAL)
+
+
+@dataclass(frozen=True)
+class Change:
+    """A status change that happened: published as a run event after commit."""
+
+    run_id: str
+    task_id: str | None
+    status: str
+    attempt: int = 0
+    error_code: str | None = None
+    message: str | None = None
+    #: Structured details for consumers of events (a throttled wait's limit and seconds).
+    data: dict[str, Any] | None = None
+
+
+def _predecessors(to: TaskStatus, allowed_from: Iterable[TaskStatus] | None) -> list[str]:
+    legal = {s for s, nxt in TASK_TRANSITIONS.items() if to in nxt}
+    if allowed_from is not None:
+        wanted = set(allowed_from)
+        if not wanted <= legal:
+            bad = ", ".join(sorted(s.value for s in wanted - legal))
+            raise IllegalTransitionError(f"a task cannot go from {bad} to {to.value}")
+        legal = wanted
+    return sorted(s.value for s in legal)
+
+
+def add_run(
+    session: Session,
+    run_id: str,
+    manifest: RunManifest,
+    *,
+    tenant: str | None = None,
+    labels: dict[str, str] | None = None,
+    now: datetime | None = None,
+) -> None:
+    """Insert a run and one ``pending`` execution row per task (executemany)."""
+    now = now or utcnow()
+    session.add(
+        Run(
+            run_id=run_id,
+            plan_id=manifest.plan_id,
+            plan_name=manifest.plan_name,
+            variant=manifest.variant,
+            status=RunStatus.QUEUED.value,
+            manifest=manifest.model_dump(mode="json"),
+            statistics=None,
+            tenant=tenant,
+            labels=labels or {},
+            stage_count=len(manifest.stages),
+            stage_cursor=-1,
+            epoch=0,
+            submitted_at=now,
+            updated_at=now,
+        )
+    )
+    session.flush()
+    session.execute(
+        insert(Execution),
+        [
+            {
+                "run_id": run_id,
+                "task_id": t.id,
+                "stage": t.stage,
+                "status": TaskStatus.PENDING.value,
+                "attempts": 0,
+                "updated_at": now,
+            }
+            for t in manifest.tasks
+        ],
+    )
+    session.execute(
+        insert(ExecutionLog),
+        [
+            {
+                "run_id": run_id,
+                "task_id": None,
+                "attempt": 0,
+                "event": "transition",
+                "from_status": None,
+                "to_status": RunStatus.QUEUED.value,
+                "message": f"submitted: {len(manifest.tasks)} tasks in {len(manifest.stages)} stages",
+                "at": now,
+            }
+        ],
+    )
+
+
+def get_run(session: Session, run_id: str, *, for_update: bool = False) -> Run:
+    """The run row; :class:`RunNotFoundError` when there is none."""
+    stmt = select(Run).where(Run.run_id == run_id)
+    if for_update:
+        stmt = stmt.with_for_update()
+    run = session.scalars(stmt).one_or_none()
+    if run is None:
+        raise RunNotFoundError(f"no run {run_id!r} in the store", path="RUN")
+    return run
+
+
+def load_manifest(run: Run) -> RunManifest:
+    """The manifest stored with a run."""
+    return RunManifest.model_validate(run.manifest)
+
+
+def set_tasks_status(
+    session: Session,
+    run_id: str,
+    task_ids: Sequence[str],
+    to: TaskStatus,
+    *,
+    allowed_from: Iterable[TaskStatus] | None = None,
+    error_code: ErrorCode | None = None,
+    message: str | None = None,
+    now: datetime | None = None,
+    attempt: int | None = None,
+    **fields: Any,
+) -> list[Change]:
+    """Move every listed task that may legally do so to ``to``; the changes that happened.
+
+    With ``attempt``, only a task still on that attempt moves: a worker that lost its
+    claim (taken over after its lease ran out) writes nothing.
+    """
+    if not task_ids:
+        return []
+    now = now or utcnow()
+    values: dict[str, Any] = {"status": to.value, "updated_at": now, **fields}
+    if error_code is not None or to.terminal:
+        values.setdefault("error_code", error_code.value if error_code else None)
+        values.setdefault("error_message", message if error_code else None)
+    if to.terminal:
+        values.setdefault("finished_at", now)
+    changed: list[tuple[str, str, int]] = []
+    for chunk in _chunks(task_ids, 500):
+        stmt = (
+            update(Execution)
+            .where(
+                Execution.run_id == run_id,
+                Execution.task_id.in_(chunk),
+                Execution.status.in_(_predecessors(to, allowed_from)),
+                *([Execution.attempts == attempt] if attempt is not None else []),
+            )
+            .values(**values)
+            .returning(Execution.task_id, Execution.attempts, Execution.worker)
+        )
+        changed.extend((r[0], r[2] or "", r[1]) for r in session.execute(stmt))
+    if changed:
+        session.execute(
+            insert(ExecutionLog),
+            [
+                {
+                    "run_id": run_id,
+                    "task_id": tid,
+                    "attempt": attempt,
+                    "event": "transition",
+                    "to_status": to.value,
+                    "error_code": error_code.value if error_code else None,
+                    "message": message,
+                    "worker": worker or None,
+                    "at": now,
+                }
+                for tid, worker, attempt in changed
+            ],
+        )
+    code = error_code.value if error_code else None
+    return [Change(run_id, tid, to.value, attempt, code, message) for tid, _, attempt in changed]
+
+
+def set_task_status(
+    session: Session,
+    run_id: str,
+    task_id: str,
+    to: TaskStatus,
+    *,
+    allowed_from: Iterable[TaskStatus] | None = None,
+    error_code: ErrorCode | None = None,
+    message: str | None = None,
+    attempt: int | None = None,
+    **fields: Any,
+) -> Change | None:
+    """Move one task to ``to`` if it may; the change, or ``None`` when it did not happen."""
+    changes = set_tasks_status(
+        session,
+        run_id,
+        [task_id],
+        to,
+        allowed_from=allowed_from,
+        error_code=error_code,
+        message=message,
+        attempt=attempt,
+        **fields,
+    )
+    return changes[0] if changes else None
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """What a worker needs to know of a task's row before it runs it."""
+
+    status: TaskStatus
+    attempts: int
+    worker: str | None
+    lease_until: datetime | None
+    not_before: datetime | None
+    deferred: bool
+    retry_base: int = 0
+
+    @property
+    def used(self) -> int:
+        """Attempts spent in the current try (``taskexec retry`` starts a new one)."""
+        return self.attempts - self.retry_base
+
+
+def task_state(session: Session, run_id: str, task_id: str) -> TaskState:
+    """A task's status, attempts, lease and due time; :class:`RunNotFoundError` when absent."""
+    row = session.execute(
+        select(
+            Execution.status,
+            Execution.attempts,
+            Execution.worker,
+            Execution.lease_until,
+            Execution.not_before,
+            Execution.deferred,
+            Execution.retry_base,
+        ).where(Execution.run_id == run_id, Execution.task_id == task_id)
+    ).one_or_none()
+    if row is None:
+        raise RunNotFoundError(f"no task {task_id!r} in run {run_id!r}", path="TASK")
+    return TaskState(TaskStatus(row[0]), row[1], row[2], row[3], row[4], bool(row[5]), row[6] or 0)
+
+
+def claim_attempt(
+    session: Session,
+    run_id: str,
+    task_id: str,
+    worker: str,
+    *,
+    lease_until: datetime,
+    takeover_from: int | None = None,
+    now: datetime | None = None,
+) -> int | None:
+    """Start the next attempt of a task: ``running``, attempts + 1, leased to ``worker``.
+
+    A task is claimable when it is ``queued``, or ``retrying`` and due. With
+    ``takeover_from`` (the attempt number the caller saw), a ``running`` task whose lease
+    has run out is claimable too: its worker was lost. One conditional UPDATE decides, so
+    of two deliveries of the same message at most one gets the attempt.
+
+    Returns the attempt number, or ``None`` when the task was not there to be claimed.
+    """
+    now = now or utcnow()
+    claimable = or_(
+        Execution.status == TaskStatus.QUEUED.value,
+        and_(
+            Execution.status == TaskStatus.RETRYING.value,
+            or_(Execution.not_before.is_(None), Execution.not_before <= now),
+        ),
+    )
+    if takeover_from is not None:
+        claimable = or_(
+            claimable,
+            and_(
+                Execution.status == TaskStatus.RUNNING.value,
+                Execution.attempts == takeover_from,
+                or_(Execution.lease_until.is_(None), Execution.lease_until < now),
+            ),
+        )
+    stmt = (
+        update(Execution)
+        .where(Execution.run_id == run_id, Execution.task_id == task_id, claimable)
+        .values(
+            status=TaskStatus.RUNNING.value,
+            attempts=Execution.attempts + 1,
+            worker=worker,
+            lease_until=lease_until,
+            not_before=None,
+            deferred=False,
+            started_at=func.coalesce(Execution.started_at, now),
+            updated_at=now,
+        )
+        .returning(Execution.attempts)
+    )
+    attempt = session.execute(stmt).scalar_one_or_none()
+    if attempt is not None:
+        session.execute(
+            insert(ExecutionLog).values(
+                run_id=run_id,
+                task_id=task_id,
+                attempt=attempt,
+                event="transition",
+                to_status=TaskStatus.RUNNING.value,
+                message="taken over: the worker of the previous attempt was lost" if takeover_from else None,
+                worker=worker,
+                at=now,
+            )
+        )
+    return attempt
+
+
+def renew_lease(session: Session, run_id: str, task_id: str, attempt: int, until: datetime) -> bool:
+    """Extend the lease of a running attempt; false when the attempt no longer holds the task."""
+    stmt = (
+        update(Execution)
+        .where(
+            Execution.run_id == run_id,
+            Execution.task_id == task_id,
+            Execution.attempts == attempt,
+            Execution.status == TaskStatus.RUNNING.value,
+        )
+        .values(lease_until=until)
+    )
+    return bool(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+
+
+def reopen_tasks(session: Session, run_id: str, task_ids: Sequence[str], *, message: str) -> list[Change]:
+    """Tasks that ended without success back to pending, each with a fresh budget of attempts."""
+    changes = set_tasks_status(
+        session,
+        run_id,
+        task_ids,
+        TaskStatus.PENDING,
+        allowed_from=[
+            TaskStatus.FAILED,
+            TaskStatus.VALIDATION_FAILED,
+            TaskStatus.TIMED_OUT,
+            TaskStatus.ERROR,
+            TaskStatus.CANCELLED,
+            TaskStatus.SKIPPED,
+        ],
+        message=message,
+        retry_base=Execution.attempts,
+        error_message=None,
+        output=None,
+        finished_at=None,
+        not_before=None,
+        deferred=False,
+        lease_until=None,
+    )
+    # error_code is set_tasks_status's own argument (None there means "leave it"): clear it here.
+    reopened = [c.task_id for c in changes if c.task_id is not None]
+    for chunk in _chunks(reopened, 500):
+        session.execute(
+            update(Execution)
+            .where(Execution.run_id == run_id, Execution.task_id.in_(chunk))
+            .values(error_code=None)
+        )
+    return changes
+
+
+def count_throttled(session: Session, run_id: str, task_id: str) -> None:
+    """Count one wait of a task for a rate-limit token or a concurrency slot."""
+    session.execute(
+        update(Execution)
+        .where(Execution.run_id == run_id, Execution.task_id == task_id)
+        .values(throttled=Execution.throttled + 1)
+    )
+
+
+def claim_stage(session: Session, run_id: str, stage: int) -> bool:
+    """Take the right to dispatch ``stage``: true once per stage, however often it is asked."""
+    stmt = (
+        update(Run)
+        .where(Run.run_id == run_id, Run.stage_cursor < stage)
+        .values(stage_cursor=stage, updated_at=utcnow())
+    )
+    return bool(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+
+
+def set_run_status(
+    session: Session, run_id: str, to: RunStatus, *, message: str | None = None, **fields: Any
+) -> Change | None:
+    """Move a run to ``to`` if its state machine allows it; the change, or ``None``."""
+    legal = sorted(s.value for s, nxt in RUN_TRANSITIONS.items() if to in nxt)
+    now = utcnow()
+    values: dict[str, Any] = {"status": to.value, "updated_at": now, **fields}
+    if to is RunStatus.RUNNING:
+        values["started_at"] = func.coalesce(Run.started_at, now)
+    if to.terminal:
+        values.setdefault("finished_at", now)
+    stmt = update(Run).where(Run.run_id == run_id, Run.status.in_(legal)).values(**values)
+    if not session.execute(stmt).rowcount:  # type: ignore[attr-defined]
+        return None
+    session.execute(
+        insert(ExecutionLog).values(
+            run_id=run_id,
+            task_id=None,
+            attempt=0,
+            event="transition",
+            to_status=to.value,
+            message=message,
+            at=now,
+        )
+    )
+    return Change(run_id, None, to.value, message=message)
+
+
+def task_statuses(session: Session, run_id: str, stage: int | None = None) -> dict[str, TaskStatus]:
+    """Task id -> status for a run, or for one stage of it."""
+    stmt = select(Execution.task_id, Execution.status).where(Execution.run_id == run_id)
+    if stage is not None:
+        stmt = stmt.where(Execution.stage == stage)
+    return {tid: TaskStatus(status) for tid, status in session.execute(stmt)}
+
+
+def count_failures(session: Session, run_id: str) -> int:
+    """How many tasks of the run ended in a failure of their own."""
+    failures = [s.value for s in TaskStatus if s.failure]
+    stmt = (
+        select(func.count())
+        .select_from(Execution)
+        .where(Execution.run_id == run_id, Execution.status.in_(failures))
+    )
+    return int(session.execute(stmt).scalar_one())
+
+
+def outputs_of(session: Session, run_id: str, task_ids: Sequence[str]) -> dict[str, Any]:
+    """Task id -> stored output for the listed tasks of a run."""
+    out: dict[str, Any] = {}
+    for chunk in _chunks(task_ids, 500):
+        stmt = select(Execution.task_id, Execution.output).where(
+            Execution.run_id == run_id, Execution.task_id.in_(chunk)
+        )
+        # Not dict(result): a Result has keys(), so dict() would index it as a mapping.
+        out.update({tid: output for tid, output in session.execute(stmt)})
+    return out
+
+
+def log_line(
+    session: Session,
+    run_id: str,
+    task_id: str | None,
+    attempt: int,
+    message: str,
+    *,
+    worker: str | None = None,
+    event: str = "log",
+) -> None:
+    """Append a log line to a task's (or the run's) history."""
+    session.execute(
+        insert(ExecutionLog).values(
+            run_id=run_id,
+            task_id=task_id,
+            attempt=attempt,
+            event=event,
+            message=message,
+            worker=worker,
+            at=utcnow(),
+        )
+    )
+
+
+def record_metrics(
+    session: Session, run_id: str, task_id: str, attempt: int, metrics: dict[str, float]
+) -> None:
+    """Store the numeric metrics one attempt reported; a repeated write changes nothing."""
+    if not metrics:
+        return
+    keys = {
+        (n,)
+        for (n,) in session.execute(
+            select(ExecutionMetric.name).where(
+                ExecutionMetric.run_id == run_id,
+                ExecutionMetric.task_id == task_id,
+                ExecutionMetric.attempt == attempt,
+            )
+        )
+    }
+    now = utcnow()
+    rows = [
+        {
+            "run_id": run_id,
+            "task_id": task_id,
+            "attempt": attempt,
+            "name": name[:100],
+            "value": float(value),
+            "recorded_at": now,
+        }
+        for name, value in sorted(metrics.items())
+        if (name[:100],) not in keys
+    ]
+    if rows:
+        session.execute(insert(ExecutionMetric), rows)
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

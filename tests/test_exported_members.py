@@ -1,0 +1,23 @@
+"""The public surface: everything public in `taskexec` is in `__all__`, and only that."""
+
+from __future__ import annotations
+
+import types
+
+import taskexec
+
+
+def test_all_and_the_namespace_match() -> None:
+    public = {
+        name
+        for name, value in vars(taskexec).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert public == set(taskexec.__all__)
+    assert len(taskexec.__all__) == len(set(taskexec.__all__)), "a name is listed twice"
+
+
+def test_every_export_is_documented() -> None:
+    for name in taskexec.__all__:
+        doc = getattr(taskexec, name).__doc__
+        assert doc and doc.strip(), f"{name} has no docstring"

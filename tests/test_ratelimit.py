@@ -1,0 +1,98 @@
+"""Token buckets and concurrency slots in Redis: the bucket math with an injected clock."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from taskexec.errors import PlanError
+from taskexec.models import RateLimit
+from taskexec.ratelimit import RateLimiter, Slots, bucket_key, slots_key
+
+pytestmark = pytest.mark.integration
+
+LIMIT = RateLimit(per_minute=60, burst=5)  # one token a second, five saved
+
+
+@pytest.fixture
+def client(redis_db: str) -> Iterator[redis.Redis]:
+    with redis.Redis.from_url(redis_db) as c:
+        c.flushdb()
+        yield c
+
+
+def test_a_full_bucket_grants_its_burst_then_refills_at_the_rate(client: redis.Redis) -> None:
+    limiter = RateLimiter(client)
+    key = bucket_key("api", LIMIT, run_id="r")
+    grants = [limiter.acquire(key, LIMIT, holder=f"t{i}", now=1000.0) for i in range(5)]
+    assert all(g.granted for g in grants)
+    assert [g.tokens for g in grants] == [4.0, 3.0, 2.0, 1.0, 0.0]
+    assert not limiter.acquire(key, LIMIT, holder="late", now=1000.0).granted
+    assert not limiter.acquire(key, LIMIT, holder="late", now=1000.5).granted  # half a token
+    assert limiter.acquire(key, LIMIT, holder="late", now=1001.0).granted  # its turn, one token
+
+
+def test_refill_never_exceeds_the_burst(client: redis.Redis) -> None:
+    limiter = RateLimiter(client)
+    key = bucket_key("api", LIMIT, run_id="r")
+    limiter.acquire(key, LIMIT, holder="a", now=0.0)
+    later = [limiter.acquire(key, LIMIT, holder=f"b{i}", now=3600.0) for i in range(6)]
+    assert [g.granted for g in later] == [True] * 5 + [False]
+
+
+def test_refused_holders_wait_in_line_spread_over_the_refill(client: redis.Redis) -> None:
+    limiter = RateLimiter(client)
+    key = bucket_key("api", LIMIT, run_id="r")
+    for i in range(5):
+        limiter.acquire(key, LIMIT, holder=f"t{i}", now=50.0)
+    waits = [limiter.acquire(key, LIMIT, holder=f"w{i}", now=50.0) for i in range(3)]
+    assert [(g.granted, g.wait) for g in waits] == [(False, 1.0), (False, 2.0), (False, 3.0)]
+    assert waits[-1].waiting == 3
+    # A newcomer does not jump the line while others wait for the tokens.
+    assert not limiter.acquire(key, LIMIT, holder="newcomer", now=51.0).granted
+    assert limiter.acquire(key, LIMIT, holder="w0", now=51.0).granted
+    assert limiter.peek(key, LIMIT)[1] == 3  # w1, w2 and the newcomer still wait
+
+
+def test_asking_for_more_than_the_burst_is_refused_clearly(client: redis.Redis) -> None:
+    with pytest.raises(PlanError, match=r"at most 5 \(burst\)"):
+        RateLimiter(client).acquire(bucket_key("api", LIMIT, run_id="r"), LIMIT, holder="t", n=6)
+
+
+def test_server_time_is_used_without_an_injected_clock(client: redis.Redis) -> None:
+    limiter = RateLimiter(client)
+    key = bucket_key("api", LIMIT, run_id="live")
+    assert all(limiter.acquire(key, LIMIT, holder=f"t{i}").granted for i in range(5))
+    refused = limiter.acquire(key, LIMIT, holder="t5")
+    assert not refused.granted and 0 < refused.wait <= 1.0
+
+
+def test_scopes_key_the_bucket() -> None:
+    run = RateLimit(per_minute=1)
+    glob = RateLimit(per_minute=1, scope="global")
+    tenant = RateLimit(per_minute=1, scope="tenant")
+    assert bucket_key("x", run, run_id="r1") != bucket_key("x", run, run_id="r2")
+    assert bucket_key("x", glob, run_id="r1") == bucket_key("x", glob, run_id="r2")
+    assert bucket_key("x", tenant, run_id="r1", tenant="a") == bucket_key(
+        "x", tenant, run_id="r2", tenant="a"
+    )
+    assert bucket_key("x", tenant, run_id="r1", tenant="a") != bucket_key(
+        "x", tenant, run_id="r1", tenant="b"
+    )
+
+
+def test_slots_cap_holders_and_come_back_when_a_lease_ends(client: redis.Redis) -> None:
+    slots = Slots(client)
+    key = slots_key("r")
+    assert [slots.take(key, 2, holder=h, lease=5, now=10.0).granted for h in "abc"] == [True, True, False]
+    refused = slots.take(key, 2, holder="c", lease=5, now=12.0)
+    assert not refused.granted and refused.wait == pytest.approx(3.0)
+    assert slots.take(key, 2, holder="a", lease=5, now=12.0).granted  # a holder renews its own
+    assert slots.renew(key, holder="b", lease=5, now=12.0)
+    slots.release(key, holder="b")
+    assert slots.take(key, 2, holder="c", lease=5, now=12.5).granted
+    # a's lease (renewed at 12 until 17) runs out: its slot goes to d, and a cannot renew it.
+    assert slots.take(key, 2, holder="d", lease=5, now=17.5).granted
+    assert not slots.renew(key, holder="a", lease=5, now=17.6)

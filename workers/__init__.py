@@ -1,0 +1,1 @@
+"""The worker side of taskexec: Celery tasks, handlers, validators, artifacts."""

@@ -1,0 +1,48 @@
+"""The ``approval`` handler: a gate that waits for a person's decision.
+
+Params: ``message`` (what to decide, shown by ``status`` and the live view), ``timeout``
+(seconds, optional: no decision in time rejects the task, E012).
+
+The task goes to ``waiting_approval`` and its worker moves on at once: nothing holds a
+worker slot while people think. ``taskexec approve RUN TASK`` (or ``--reject --reason``),
+or :meth:`taskexec.Client.approve`, decides; the branch behind the gate waits meanwhile,
+and independent branches run on.
+
+Example plan task::
+
+    - id: go-live
+      handler: approval
+      depends_on: [staging-tests]
+      params: {message: "Deploy build 42 to production?", timeout: 86400}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from taskexec.errors import AwaitApproval, ParamsError
+from workers.handlers.registry import HandlerContext, handler
+
+__all__ = ["ApprovalParams", "approval"]
+
+
+class ApprovalParams(BaseModel):
+    """The params of ``approval``."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    message: str = Field("approve to continue", max_length=2000)
+    timeout: float | None = Field(None, gt=0)
+
+
+@handler("approval")
+def approval(params: dict[str, Any], inputs: dict[str, Any], ctx: HandlerContext) -> dict[str, Any]:
+    """Ask for a decision: the task waits in ``waiting_approval``."""
+    try:
+        p = ApprovalParams.model_validate(params)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ParamsError(f"approval param {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    raise AwaitApproval(p.message, timeout=p.timeout)

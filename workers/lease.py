@@ -1,0 +1,89 @@
+"""A running attempt's hold on its task: the lease heartbeat and the cancellation check.
+
+A worker claims a task's row with a lease (``TASKEXEC_LEASE_SECONDS``); while the handler
+runs, :class:`Heartbeat` renews it every third of the lease, with the run's concurrency
+slot. A worker that dies or freezes stops renewing: after the lease another delivery
+takes the task over, and the old attempt, if it ever wakes, finds its claim lost
+(:class:`CancelCheck` turns true) and its writes refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from datetime import timedelta
+
+import redis
+
+from taskexec import events
+from taskexec.errors import DatabaseUnavailableError
+from taskexec.ratelimit import Slots
+from taskexec.store import Store
+from taskexec.store import repository as repo
+from taskexec.store.tables import utcnow
+
+__all__ = ["CancelCheck", "Heartbeat"]
+
+log = logging.getLogger("taskexec.worker")
+
+
+class CancelCheck:
+    """``ctx.is_cancelled``: the run was cancelled (Redis flag, asked at most twice a second),
+    or this attempt lost its claim (the heartbeat found the task taken over)."""
+
+    def __init__(self, client: redis.Redis | None, run_id: str) -> None:
+        self.client, self.key = client, events.cancel_key(run_id)
+        self.checked, self.value = 0.0, False
+        self.lost = threading.Event()
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if not self.value and self.client is not None and now - self.checked >= 0.5:
+            self.checked = now
+            with contextlib.suppress(redis.RedisError):
+                self.value = bool(self.client.exists(self.key))
+        return self.value or self.lost.is_set()
+
+
+class Heartbeat(threading.Thread):
+    """Renews a running attempt's lease (and its concurrency slot) every third of the lease."""
+
+    def __init__(
+        self,
+        store: Store,
+        slots: Slots | None,
+        *,
+        run_id: str,
+        task_id: str,
+        attempt: int,
+        slot: str | None,
+        lease: float,
+        lost: threading.Event,
+    ) -> None:
+        super().__init__(name=f"heartbeat {run_id}/{task_id}", daemon=True)
+        self.store, self.slots = store, slots
+        self.run_id, self.task_id, self.attempt, self.slot = run_id, task_id, attempt, slot
+        self.lease, self.lost = lease, lost
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.lease / 3):
+            try:
+                with self.store.begin() as s:
+                    until = utcnow() + timedelta(seconds=self.lease)
+                    held = repo.renew_lease(s, self.run_id, self.task_id, self.attempt, until)
+                if self.slots is not None and self.slot is not None:
+                    self.slots.renew(self.slot, holder=self.task_id, lease=self.lease)
+            except (DatabaseUnavailableError, redis.RedisError) as e:
+                log.warning("lease of %s/%s not renewed: %s", self.run_id, self.task_id, e)
+                continue
+            if not held:
+                log.warning("%s/%s attempt %s lost its claim", self.run_id, self.task_id, self.attempt)
+                self.lost.set()
+                return
+
+    def stop(self) -> None:
+        """End the renewals (the handler returned)."""
+        self.done.set()

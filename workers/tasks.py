@@ -1,0 +1,183 @@
+"""Celery tasks: thin adapters from messages (ids only) to :mod:`workers.runner`.
+
+``execute`` runs on the ``executor`` queue, ``validate`` on ``validator``; ``dispatch``,
+``advance``, ``stage_failed`` and ``reconcile`` on ``control``. Header tasks of a stage's
+chord never raise for a business failure (the outcome is in the store), so the chord
+body always runs; an exception that escapes is an infrastructure failure and reaches
+``stage_failed``. Waits that are not failures (a rate-limit token, a concurrency slot,
+another copy's lease, a backoff) are Celery retries: the message goes back to the broker
+with a countdown and holds no worker slot, and the chord keeps counting it as one part.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import redis
+from celery import Task
+from celery.signals import worker_process_init
+from redis.exceptions import LockError
+
+from taskexec.celery_app import app
+from taskexec.dispatch import compiled_run, dispatch, execute_signature, finalize, release, stage_settled
+from taskexec.errors import DatabaseUnavailableError, RunNotFoundError, Throttled
+from taskexec.reconcile import LOCK, reconcile
+from taskexec.settings import Settings
+from workers import runner
+
+__all__ = [
+    "advance",
+    "dispatch_stage",
+    "execute",
+    "reconcile_fleet",
+    "release_held",
+    "stage_failed",
+    "validate",
+]
+
+log = logging.getLogger("taskexec.worker")
+
+_runtime: runner.Runtime | None = None
+
+#: Countdown of a step retried because the result store was unreachable.
+STORE_RETRY_SECONDS = 5.0
+
+
+def runtime() -> runner.Runtime:
+    """This process's runtime, created on first use (after the prefork pool forked)."""
+    global _runtime  # noqa: PLW0603 - one per process by design
+    if _runtime is None:
+        settings: Settings = app.conf.taskexec_settings
+        _runtime = runner.Runtime.create(settings)
+    return _runtime
+
+
+@worker_process_init.connect
+def _after_fork(**_: Any) -> None:
+    # A forked child must not reuse the parent's pooled connections: drop them.
+    if _runtime is not None:
+        _runtime.store.dispose()
+
+
+def _again(task: Task, outcome: runner.Outcome) -> None:
+    """Re-queue this message per the outcome (never counts against Celery's max_retries)."""
+    assert outcome.again_in is not None
+    raise task.retry(
+        countdown=outcome.again_in,
+        max_retries=None,
+        exc=Throttled(outcome.reason),
+        argsrepr=task.request.argsrepr,  # a retry is a new message: keep the ids-only view
+    )
+
+
+@app.task(name="taskexec.execute", bind=True, max_retries=None, acks_late=True)
+def execute(self: Task, run_id: str, task_id: str, detached: bool = False) -> dict[str, Any]:
+    """Run one attempt of a task, or wait (re-queued) until it may run."""
+    try:
+        outcome = runner.execute(runtime(), run_id, task_id, detached=detached)
+    except RunNotFoundError as e:
+        # A message about a run the store does not know (deleted, another fleet's, forged):
+        # nothing to do; acknowledged so that it is not delivered again.
+        log.warning("execute %r/%r refused: %s", run_id, task_id, e)
+        return {"run_id": run_id, "task_id": task_id, "status": "unknown"}
+    except (DatabaseUnavailableError, redis.ConnectionError, redis.TimeoutError) as e:
+        # The store rode out what it could; the message comes back later, state decides then.
+        log.warning("execute %s/%s: %s; retrying in %g s", run_id, task_id, e, STORE_RETRY_SECONDS)
+        again = {"countdown": STORE_RETRY_SECONDS, "max_retries": None, "argsrepr": self.request.argsrepr}
+        raise self.retry(exc=e, **again) from e
+    if outcome.again_in is not None:
+        _again(self, outcome)
+    return outcome.record
+
+
+@app.task(name="taskexec.validate", bind=True, max_retries=None, acks_late=True)
+def validate(self: Task, record: dict[str, Any]) -> dict[str, Any]:
+    """Check a task's output against its criteria; re-execute it while attempts remain."""
+    try:
+        outcome = runner.validate(runtime(), record)
+    except RunNotFoundError as e:
+        log.warning("validate refused: %s", e)
+        return {"status": "unknown"}
+    except (DatabaseUnavailableError, redis.ConnectionError, redis.TimeoutError) as e:
+        raise self.retry(countdown=STORE_RETRY_SECONDS, max_retries=None, exc=e) from e
+    if outcome.again_in is not None:
+        # Task.replace keeps the chord membership of this header element.
+        run_id, task_id = record["run_id"], record["task_id"]
+        with runtime().store.begin() as s:
+            task = compiled_run(s, run_id).tasks[task_id]
+        again = execute_signature(
+            app, run_id, task, detached=bool(record.get("detached")), countdown=outcome.again_in
+        )
+        raise self.replace(again)
+    return outcome.record
+
+
+@app.task(name="taskexec.dispatch", bind=True, max_retries=None, acks_late=True, ignore_result=True)
+def dispatch_stage(self: Task, run_id: str, stage: int) -> None:
+    """Dispatch a stage the producer asked for: stage 0 of a new run, or a resumed one."""
+    rt = runtime()
+    try:
+        dispatch(app, rt.store, run_id, stage, client=rt.redis)
+    except DatabaseUnavailableError as e:
+        raise self.retry(countdown=STORE_RETRY_SECONDS, max_retries=None, exc=e) from e
+
+
+@app.task(name="taskexec.advance", bind=True, max_retries=None, acks_late=True)
+def advance(self: Task, run_id: str, stage: int) -> None:
+    """Chord body of stage ``stage - 1``: dispatch ``stage`` once the previous one is complete.
+
+    The body runs when every header part has returned once. The store has the last word:
+    a part whose task waits in the store (a deferred backoff) lets the body run early, and
+    then the task's own detached delivery dispatches the next stage when it ends.
+    """
+    rt = runtime()
+    try:
+        with rt.store.begin() as s:
+            settled = stage_settled(s, run_id, stage - 1)
+        if settled:
+            dispatch(app, rt.store, run_id, stage, client=rt.redis)
+    except DatabaseUnavailableError as e:
+        raise self.retry(countdown=STORE_RETRY_SECONDS, max_retries=None, exc=e) from e
+
+
+@app.task(name="taskexec.release", bind=True, max_retries=None, acks_late=True, ignore_result=True)
+def release_held(self: Task, run_id: str) -> None:
+    """Dispatch held tasks now free to run (after an approval or a retry); else go on or end."""
+    rt = runtime()
+    try:
+        release(app, rt.store, run_id, client=rt.redis)
+    except DatabaseUnavailableError as e:
+        raise self.retry(countdown=STORE_RETRY_SECONDS, max_retries=None, exc=e) from e
+
+
+@app.task(name="taskexec.stage_failed")
+def stage_failed(run_id: str, stage: int) -> None:
+    """Error callback of a stage's chord: end the run ``error`` (or ``cancelled``)."""
+    rt = runtime()
+    log.error("stage %s of run %s failed in the infrastructure", stage, run_id)
+    if finalize(rt.store, run_id, client=rt.redis) is None:
+        finalize(
+            rt.store,
+            run_id,
+            client=rt.redis,
+            error=f"stage {stage} failed in the infrastructure; `taskexec resume {run_id}` recovers it",
+        )
+
+
+@app.task(name="taskexec.reconcile", ignore_result=True)
+def reconcile_fleet() -> None:
+    """One round of the reconciler, if no other round is running anywhere in the fleet."""
+    rt = runtime()
+    if rt.redis is None:
+        return
+    settings = rt.settings
+    lock = rt.redis.lock(LOCK, timeout=max(60.0, settings.reconcile_interval * 4), blocking=False)
+    if not lock.acquire():
+        return
+    try:
+        reconcile(app, rt.store, client=rt.redis, overdue=max(60.0, settings.lease_seconds * 2))
+    finally:
+        with contextlib.suppress(LockError):  # a round longer than the lock's timeout
+            lock.release()
