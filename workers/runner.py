@@ -43,10 +43,11 @@ from typing import Any
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.orm import Session
 
 from taskexec import events
 from taskexec.celery_app import redis_url
-from taskexec.dispatch import compiled_run, finalize, release, request_stop, send_notice
+from taskexec.dispatch import CompiledRun, compiled_run, finalize, release, request_stop, send_notice
 from taskexec.errors import (
     AwaitApproval,
     CriteriaError,
@@ -164,6 +165,15 @@ def execute(rt: Runtime, run_id: str, task_id: str, *, detached: bool = False) -
             )
             events.publish(rt.redis, [change] if change else [])
             return _settled(rt, run_id, task, _T.CANCELLED, detached, changed=change is not None)
+        # The usual case, a queued task with no limit to ask: claimed in this transaction.
+        claimed: tuple[int | None, dict[str, Any]] | None = None
+        due = state.status is _T.QUEUED or (
+            state.status is _T.RETRYING and (state.not_before is None or state.not_before <= now)
+        )
+        if due and task.rate_limit is None and not cr.manifest.concurrency:
+            claimed = _claim(rt, s, cr, run_id, task, takeover=None)
+    if claimed is not None:
+        return _start(rt, run_id, task, state, claimed, None, detached)
     takeover: int | None = None
     if state.status.terminal:
         return _settled(rt, run_id, task, state.status, detached, changed=False)
@@ -193,29 +203,43 @@ def execute(rt: Runtime, run_id: str, task_id: str, *, detached: bool = False) -
     if waited is not None:
         return waited
     slot = slots_key(run_id) if cr.manifest.concurrency else None
-    lease = rt.settings.lease_seconds
     try:
         with rt.store.begin() as s:
-            attempt = repo.claim_attempt(
-                s,
-                run_id,
-                task_id,
-                rt.worker,
-                lease_until=utcnow() + timedelta(seconds=lease),
-                takeover_from=takeover,
-            )
-            inputs = resolve_inputs(s, cr, run_id, task) if attempt else {}
+            claimed = _claim(rt, s, cr, run_id, task, takeover=takeover)
     except BaseException:
         _release(rt, slot, task_id)
         raise
+    return _start(rt, run_id, task, state, claimed, slot, detached)
+
+
+def _claim(
+    rt: Runtime, s: Session, cr: CompiledRun, run_id: str, task: ManifestTask, *, takeover: int | None
+) -> tuple[int | None, dict[str, Any]]:
+    """Claim the task's next attempt under a lease; the attempt (``None``: not claimed), inputs."""
+    until = utcnow() + timedelta(seconds=rt.settings.lease_seconds)
+    attempt = repo.claim_attempt(s, run_id, task.id, rt.worker, lease_until=until, takeover_from=takeover)
+    return attempt, resolve_inputs(s, cr, run_id, task) if attempt else {}
+
+
+def _start(
+    rt: Runtime,
+    run_id: str,
+    task: ManifestTask,
+    state: repo.TaskState,
+    claimed: tuple[int | None, dict[str, Any]],
+    slot: str | None,
+    detached: bool,
+) -> Outcome:
+    """Run the handler of a claimed attempt (or wait for the copy that claimed it)."""
+    attempt, inputs = claimed
     if attempt is None:
-        _release(rt, slot, task_id)
-        return execute_again_later(rt, run_id, task_id)
-    events.publish(rt.redis, [repo.Change(run_id, task_id, _T.RUNNING.value, attempt)])
+        _release(rt, slot, task.id)
+        return execute_again_later(rt, run_id, task.id)
+    events.publish(rt.redis, [repo.Change(run_id, task.id, _T.RUNNING.value, attempt)])
     try:
         return _run_handler(rt, run_id, task, attempt, state.retry_base, inputs, slot, detached)
     finally:
-        _release(rt, slot, task_id)
+        _release(rt, slot, task.id)
 
 
 def execute_again_later(rt: Runtime, run_id: str, task_id: str) -> Outcome:
@@ -349,11 +373,12 @@ def _run_handler(
             output=output,
             lease_until=None,
         )
+        stopping = repo.stop_reason(s, run_id) == "cancelled"
     if change is None:  # cancelled, or taken over after this worker's lease ran out
         return Outcome(_record(run_id, task.id, _current(rt, run_id, task.id)))
     events.publish(rt.redis, [change])
     if to is _T.SUCCEEDED:
-        return _settled(rt, run_id, task, to, detached)
+        return _settled(rt, run_id, task, to, detached, stopping=stopping)
     return Outcome(_record(run_id, task.id, to) | ({"detached": True} if detached else {}))
 
 
@@ -506,18 +531,30 @@ def _end(
         notify = status.failure and any(
             "task_failed" in n.events for n in compiled_run(s, run_id).manifest.notify
         )
+        stopping = repo.stop_reason(s, run_id) == "cancelled"
     events.publish(rt.redis, [change])
     if notify:
         send_notice(run_id, "task_failed", task.id)
-    return _settled(rt, run_id, task, status, detached)
+    return _settled(rt, run_id, task, status, detached, stopping=stopping)
 
 
 def _settled(
-    rt: Runtime, run_id: str, task: ManifestTask, status: TaskStatus, detached: bool, *, changed: bool = True
+    rt: Runtime,
+    run_id: str,
+    task: ManifestTask,
+    status: TaskStatus,
+    detached: bool,
+    *,
+    changed: bool = True,
+    stopping: bool | None = None,
 ) -> Outcome:
-    """After a task ended: end a stopping run, or, outside a chord, advance it."""
-    with rt.store.begin() as s:
-        stopping = repo.get_run(s, run_id).stop_reason == "cancelled"
+    """After a task ended: end a stopping run, or, outside a chord, advance it.
+
+    ``stopping`` (the run is being cancelled) when the caller read it with its last write.
+    """
+    if stopping is None:
+        with rt.store.begin() as s:
+            stopping = repo.stop_reason(s, run_id) == "cancelled"
     if stopping and changed:
         # A cancelled run ends when its last running task does, without waiting for its
         # chord: revoked messages of the chord may come back only much later.
@@ -553,9 +590,10 @@ def validate(rt: Runtime, record: dict[str, Any]) -> Outcome:
             change = repo.set_task_status(
                 s, run_id, task_id, _T.SUCCEEDED, allowed_from=[_T.VALIDATING], attempt=row.attempts
             )
+            stopping = repo.stop_reason(s, run_id) == "cancelled"
         if change is None:
             return Outcome(_record(run_id, task_id, _current(rt, run_id, task_id)))
         events.publish(rt.redis, [change])
-        return _settled(rt, run_id, task, _T.SUCCEEDED, detached)
+        return _settled(rt, run_id, task, _T.SUCCEEDED, detached, stopping=stopping)
     message = "output criteria not met: " + "; ".join(failed)
     return _failure(rt, run_id, task, row.attempts, base, _T.VALIDATION_FAILED, message, None, 0.0, detached)

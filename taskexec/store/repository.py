@@ -12,9 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import Table, and_, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from taskexec.errors import IllegalTransitionError, RunNotFoundError
@@ -27,6 +29,13 @@ from taskexec.models import (
     TaskStatus,
 )
 from taskexec.store.tables import Execution, ExecutionLog, ExecutionMetric, Run, utcnow
+
+# The hot path (claims, status changes, metrics: a few statements per task) runs Core
+# statements on the tables: the ORM's bulk-DML layer costs more than the statements do.
+_executions = cast(Table, Execution.__table__)
+_logs = cast(Table, ExecutionLog.__table__)
+_metrics = cast(Table, ExecutionMetric.__table__)
+_runs = cast(Table, Run.__table__)
 
 __all__ = [
     "Change",
@@ -153,6 +162,12 @@ def get_run(session: Session, run_id: str, *, for_update: bool = False) -> Run:
     return run
 
 
+def stop_reason(session: Session, run_id: str) -> str | None:
+    """Why the run is stopping (``cancelled``, ``max_failures``, ``timeout``), or ``None``."""
+    reason: str | None = session.scalar(select(_runs.c.stop_reason).where(_runs.c.run_id == run_id))
+    return reason
+
+
 def load_manifest(run: Run) -> RunManifest:
     """The manifest stored with a run."""
     return RunManifest.model_validate(run.manifest)
@@ -188,20 +203,20 @@ def set_tasks_status(
     changed: list[tuple[str, str, int]] = []
     for chunk in _chunks(task_ids, 500):
         stmt = (
-            update(Execution)
+            update(_executions)
             .where(
-                Execution.run_id == run_id,
-                Execution.task_id.in_(chunk),
-                Execution.status.in_(_predecessors(to, allowed_from)),
-                *([Execution.attempts == attempt] if attempt is not None else []),
+                _executions.c.run_id == run_id,
+                _executions.c.task_id.in_(chunk),
+                _executions.c.status.in_(_predecessors(to, allowed_from)),
+                *([_executions.c.attempts == attempt] if attempt is not None else []),
             )
             .values(**values)
-            .returning(Execution.task_id, Execution.attempts, Execution.worker)
+            .returning(_executions.c.task_id, _executions.c.attempts, _executions.c.worker)
         )
         changed.extend((r[0], r[2] or "", r[1]) for r in session.execute(stmt))
     if changed:
         session.execute(
-            insert(ExecutionLog),
+            insert(_logs),
             [
                 {
                     "run_id": run_id,
@@ -270,14 +285,14 @@ def task_state(session: Session, run_id: str, task_id: str) -> TaskState:
     """A task's status, attempts, lease and due time; :class:`RunNotFoundError` when absent."""
     row = session.execute(
         select(
-            Execution.status,
-            Execution.attempts,
-            Execution.worker,
-            Execution.lease_until,
-            Execution.not_before,
-            Execution.deferred,
-            Execution.retry_base,
-        ).where(Execution.run_id == run_id, Execution.task_id == task_id)
+            _executions.c.status,
+            _executions.c.attempts,
+            _executions.c.worker,
+            _executions.c.lease_until,
+            _executions.c.not_before,
+            _executions.c.deferred,
+            _executions.c.retry_base,
+        ).where(_executions.c.run_id == run_id, _executions.c.task_id == task_id)
     ).one_or_none()
     if row is None:
         raise RunNotFoundError(f"no task {task_id!r} in run {run_id!r}", path="TASK")
@@ -305,40 +320,40 @@ def claim_attempt(
     """
     now = now or utcnow()
     claimable = or_(
-        Execution.status == TaskStatus.QUEUED.value,
+        _executions.c.status == TaskStatus.QUEUED.value,
         and_(
-            Execution.status == TaskStatus.RETRYING.value,
-            or_(Execution.not_before.is_(None), Execution.not_before <= now),
+            _executions.c.status == TaskStatus.RETRYING.value,
+            or_(_executions.c.not_before.is_(None), _executions.c.not_before <= now),
         ),
     )
     if takeover_from is not None:
         claimable = or_(
             claimable,
             and_(
-                Execution.status == TaskStatus.RUNNING.value,
-                Execution.attempts == takeover_from,
-                or_(Execution.lease_until.is_(None), Execution.lease_until < now),
+                _executions.c.status == TaskStatus.RUNNING.value,
+                _executions.c.attempts == takeover_from,
+                or_(_executions.c.lease_until.is_(None), _executions.c.lease_until < now),
             ),
         )
     stmt = (
-        update(Execution)
-        .where(Execution.run_id == run_id, Execution.task_id == task_id, claimable)
+        update(_executions)
+        .where(_executions.c.run_id == run_id, _executions.c.task_id == task_id, claimable)
         .values(
             status=TaskStatus.RUNNING.value,
-            attempts=Execution.attempts + 1,
+            attempts=_executions.c.attempts + 1,
             worker=worker,
             lease_until=lease_until,
             not_before=None,
             deferred=False,
-            started_at=func.coalesce(Execution.started_at, now),
+            started_at=func.coalesce(_executions.c.started_at, now),
             updated_at=now,
         )
-        .returning(Execution.attempts)
+        .returning(_executions.c.attempts)
     )
     attempt = session.execute(stmt).scalar_one_or_none()
     if attempt is not None:
         session.execute(
-            insert(ExecutionLog).values(
+            insert(_logs).values(
                 run_id=run_id,
                 task_id=task_id,
                 attempt=attempt,
@@ -510,16 +525,6 @@ def record_metrics(
     """Store the numeric metrics one attempt reported; a repeated write changes nothing."""
     if not metrics:
         return
-    keys = {
-        (n,)
-        for (n,) in session.execute(
-            select(ExecutionMetric.name).where(
-                ExecutionMetric.run_id == run_id,
-                ExecutionMetric.task_id == task_id,
-                ExecutionMetric.attempt == attempt,
-            )
-        )
-    }
     now = utcnow()
     rows = [
         {
@@ -531,10 +536,10 @@ def record_metrics(
             "recorded_at": now,
         }
         for name, value in sorted(metrics.items())
-        if (name[:100],) not in keys
     ]
-    if rows:
-        session.execute(insert(ExecutionMetric), rows)
+    # The same upsert statement in both dialects: a row already there (a redelivery) stays.
+    dialect_insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    session.execute(dialect_insert(_metrics).on_conflict_do_nothing(), rows)
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:

@@ -70,7 +70,9 @@ class Run(Base):
     plan_name: Mapped[str | None] = mapped_column(String(500))
     variant: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(20), index=True)
-    manifest: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    # Deferred: a 5,000-task manifest is megabytes of JSON, read once per process
+    # (dispatch.compiled_run caches it), never with every look at a run's status.
+    manifest: Mapped[dict[str, Any]] = mapped_column(JsonType, deferred=True)
     statistics: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     tenant: Mapped[str | None] = mapped_column(String(200), index=True)
     labels: Mapped[dict[str, str]] = mapped_column(JsonType, default=dict)
