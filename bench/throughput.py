@@ -11,6 +11,10 @@
     task of stage k finishing to the first task of stage k + 1 starting, against the same
     shape in raw Celery (a chord of ``noop`` per stage whose body publishes the next one).
 
+Both fleets run with their defaults: no task events from the workers (Flower and
+``taskexec metrics`` turn them on while they watch); taskexec's producers send task-sent
+events, the raw baseline's do not.
+
 ``--profile DIR`` also samples the taskexec worker during (b) with py-spy (``py-spy`` on the
 PATH; raw stacks written to DIR) and prints where its processes spend their time, and
 profiles the producer's ``submit`` with cProfile.

@@ -143,7 +143,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_queues": [Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
         "task_routes": {name: {"queue": q, "routing_key": q} for name, q in TASK_NAMES.items()},
         "task_create_missing_queues": False,
-        "worker_send_task_events": True,
+        # Task events on demand: Flower and `taskexec metrics` turn them on (the
+        # `enable_events` broadcast, repeated every few seconds for workers that start
+        # later); a fleet nobody watches does not pay for them (a third of a small task's
+        # cost). Worker heartbeats are always sent. Producers send task-sent events.
+        "worker_send_task_events": False,
         "task_send_sent_event": True,
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
@@ -194,6 +198,24 @@ def worker_argv(
     if reconcile:
         argv.append("--reconcile")
     return [*argv, *extra]
+
+
+#: How often Flower-like watchers repeat ``enable_events`` (Flower's own interval).
+EVENTS_ENABLE_INTERVAL = 5.0
+
+
+def enable_task_events(app: Celery, *, wait: float = 0.0) -> int:
+    """Ask every worker to send task events (Celery's ``enable_events`` broadcast).
+
+    Workers send none by default; a watcher (``taskexec metrics``, ``taskexec flower``)
+    repeats this every :data:`EVENTS_ENABLE_INTERVAL` seconds so that workers started
+    later send them too. With ``wait``, waits that long for the workers' replies and
+    returns how many answered (0 without ``wait``).
+    """
+    if wait <= 0:
+        app.control.enable_events()
+        return 0
+    return len(app.control.enable_events(reply=True, timeout=wait) or [])
 
 
 def close_app(app: Celery) -> None:

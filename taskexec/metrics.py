@@ -3,8 +3,9 @@
 One exporter process per fleet (like Flower) listens to three sources and serves the
 metrics below on ``/metrics``:
 
-- **Celery task events**, which every worker sends (``worker_send_task_events``) and
-  every publisher too (``task_send_sent_event``): per task name and queue, what Celery
+- **Celery task events**, which workers send while asked to (the exporter broadcasts
+  ``enable_events`` every few seconds, as Flower does) and every publisher sends
+  (``task_send_sent_event``): per task name and queue, what Celery
   did (sent, received, started, succeeded, failed, retried, revoked, rejected), runtimes,
   queue waits, retries. Received the way Flower and celery-exporter receive them, with
   :class:`celery.events.EventReceiver` and a :class:`celery.events.state.State`.
@@ -41,6 +42,7 @@ server under different db numbers see each other's run events.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -58,7 +60,15 @@ from prometheus_client.registry import Collector
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from taskexec.celery_app import QUEUES, TASK_NAMES, close_app, create_app, redis_url
+from taskexec.celery_app import (
+    EVENTS_ENABLE_INTERVAL,
+    QUEUES,
+    TASK_NAMES,
+    close_app,
+    create_app,
+    enable_task_events,
+    redis_url,
+)
 from taskexec.client import Client
 from taskexec.models import RunStatus, TaskStatus
 from taskexec.settings import Settings
@@ -432,10 +442,18 @@ class Exporter:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        """Start receiving Celery events and run events (daemon threads)."""
+        """Start receiving Celery events and run events (daemon threads).
+
+        Workers send task events only when asked: the exporter asks the workers up now
+        (waiting a second for their answers, so that the tasks they start next are
+        counted), then every few seconds for the ones that start later.
+        """
+        with contextlib.suppress(Exception):  # no broker now: the loop asks again later
+            enable_task_events(self.app, wait=1.0)
         for target, name in (
             (self._receive_celery_events, "taskexec-metrics-celery"),
             (self._receive_run_events, "taskexec-metrics-runs"),
+            (self._enable_events, "taskexec-metrics-enable-events"),
         ):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -476,6 +494,13 @@ class Exporter:
                     return
                 log.warning("Celery events: %s; reconnecting in %.0f s", e, delay)
                 delay = self._backoff(delay)
+
+    def _enable_events(self) -> None:
+        while not self._stop.wait(EVENTS_ENABLE_INTERVAL):
+            try:
+                enable_task_events(self.app)
+            except Exception as e:  # the broker is away; the receiver reconnects too
+                log.warning("enable_events broadcast: %s", e)
 
     def _on_celery_event(self, event: dict[str, Any]) -> None:
         try:

@@ -62,7 +62,7 @@ from taskexec.ratelimit import RateLimiter, Slots, bucket_key, slots_key
 from taskexec.settings import Settings
 from taskexec.store import Store, results
 from taskexec.store import repository as repo
-from taskexec.store.tables import Run, utcnow
+from taskexec.store.tables import utcnow
 from workers import secrets
 from workers.artifacts import resolve_inputs
 from workers.handlers import HandlerContext, check_output, load_modules, resolve
@@ -144,14 +144,13 @@ def execute(rt: Runtime, run_id: str, task_id: str, *, detached: bool = False) -
     """
     now = utcnow()
     with rt.store.begin() as s:
-        run = repo.get_run(s, run_id)
         cr = compiled_run(s, run_id)
         task = cr.tasks.get(task_id)
         if task is None:
             raise RunNotFoundError(f"no task {task_id!r} in run {run_id!r}", path="TASK")
         state = repo.task_state(s, run_id, task_id)
         leased = state.lease_until is not None and state.lease_until > now
-        if run.stop_reason is not None and not state.status.terminal and not leased:
+        if state.stop_reason is not None and not state.status.terminal and not leased:
             # The durable flag: nothing of a stopped run starts, whatever message arrives.
             change = repo.set_task_status(
                 s,
@@ -160,7 +159,7 @@ def execute(rt: Runtime, run_id: str, task_id: str, *, detached: bool = False) -
                 _T.CANCELLED,
                 allowed_from=[_T.PENDING, _T.QUEUED, _T.RETRYING, _T.RUNNING],
                 error_code=ErrorCode.CANCELLED,
-                message=f"run stopped: {run.stop_reason}",
+                message=f"run stopped: {state.stop_reason}",
                 lease_until=None,
             )
             events.publish(rt.redis, [change] if change else [])
@@ -199,7 +198,7 @@ def execute(rt: Runtime, run_id: str, task_id: str, *, detached: bool = False) -
         return Outcome(_record(run_id, task_id, state.status), again_in=left, reason="backoff")
     elif state.status not in (_T.QUEUED, _T.RETRYING):
         return Outcome(_record(run_id, task_id, state.status))  # pending or validating: not ours
-    waited = _flow_control(rt, run, cr.manifest, task)
+    waited = _flow_control(rt, run_id, state.tenant, cr.manifest, task)
     if waited is not None:
         return waited
     slot = slots_key(run_id) if cr.manifest.concurrency else None
@@ -256,22 +255,24 @@ def execute_again_later(rt: Runtime, run_id: str, task_id: str) -> Outcome:
     )
 
 
-def _flow_control(rt: Runtime, run: Run, manifest: RunManifest, task: ManifestTask) -> Outcome | None:
+def _flow_control(
+    rt: Runtime, run_id: str, tenant: str | None, manifest: RunManifest, task: ManifestTask
+) -> Outcome | None:
     """A concurrency slot, then a rate-limit token; ``None`` when the task may run now.
 
     The slot comes first: it is given back at once when the token is refused, while a
     token taken for a task that then finds no slot would be lost to the limit.
     """
     waits: list[tuple[float, str]] = []
-    slot = slots_key(run.run_id) if manifest.concurrency else None
+    slot = slots_key(run_id) if manifest.concurrency else None
     if slot is not None and manifest.concurrency is not None:
         got = rt.slots.take(slot, manifest.concurrency, holder=task.id, lease=rt.settings.lease_seconds)
         if not got.granted:
             waits.append((max(0.2, got.wait), f"concurrency {manifest.concurrency} of the run reached"))
     if not waits and task.rate_limit is not None:
         limit = manifest.rate_limits[task.rate_limit]
-        key = bucket_key(task.rate_limit, limit, run_id=run.run_id, tenant=run.tenant)
-        grant = rt.limiter.acquire(key, limit, holder=f"{run.run_id}/{task.id}")
+        key = bucket_key(task.rate_limit, limit, run_id=run_id, tenant=tenant)
+        grant = rt.limiter.acquire(key, limit, holder=f"{run_id}/{task.id}")
         if not grant.granted:
             _release(rt, slot, task.id)
             waits.append((grant.wait, f"rate limit {task.rate_limit!r}: {grant.waiting} waiting"))
@@ -279,13 +280,11 @@ def _flow_control(rt: Runtime, run: Run, manifest: RunManifest, task: ManifestTa
         return None
     wait, reason = waits[0]
     with rt.store.begin() as s:
-        repo.count_throttled(s, run.run_id, task.id)
+        repo.count_throttled(s, run_id, task.id)
     data = {"wait": round(wait, 3), "limit": task.rate_limit if "rate limit" in reason else "concurrency"}
     message = f"{reason}; again in {wait:.2f} s"
-    events.publish(rt.redis, [repo.Change(run.run_id, task.id, "throttled", 0, None, message, data)])
-    return Outcome(
-        _record(run.run_id, task.id, _T.QUEUED), again_in=_jitter(wait), reason=reason, throttled=True
-    )
+    events.publish(rt.redis, [repo.Change(run_id, task.id, "throttled", 0, None, message, data)])
+    return Outcome(_record(run_id, task.id, _T.QUEUED), again_in=_jitter(wait), reason=reason, throttled=True)
 
 
 def _release(rt: Runtime, slot: str | None, task_id: str) -> None:

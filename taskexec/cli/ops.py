@@ -204,6 +204,14 @@ def flower(
     from flower.options import options as flower_options
 
     flower_options.format_task = flower_task_format
+    # Flower repeats enable_events every 5 s from its start; the workers already up are
+    # asked now, so that Flower sees their tasks from the first one.
+    from taskexec.celery_app import app, enable_task_events
+
+    try:
+        enable_task_events(app, wait=1.0)
+    except Exception as e:  # the broker is away: Flower reports it, and asks again itself
+        click.echo(f"taskexec flower: enable_events broadcast failed: {e}", err=True)
     celery_command.main(args=argv, prog_name="taskexec flower", auto_envvar_prefix="CELERY")
 
 

@@ -274,6 +274,9 @@ class TaskState:
     not_before: datetime | None
     deferred: bool
     retry_base: int = 0
+    #: The run's ``stop_reason`` and ``tenant``, read with the task (one query, not two).
+    stop_reason: str | None = None
+    tenant: str | None = None
 
     @property
     def used(self) -> int:
@@ -282,7 +285,11 @@ class TaskState:
 
 
 def task_state(session: Session, run_id: str, task_id: str) -> TaskState:
-    """A task's status, attempts, lease and due time; :class:`RunNotFoundError` when absent."""
+    """A task's status, attempts, lease and due time, with its run's stop reason and tenant.
+
+    Raises:
+        RunNotFoundError: No such run, or no such task in it.
+    """
     row = session.execute(
         select(
             _executions.c.status,
@@ -292,11 +299,27 @@ def task_state(session: Session, run_id: str, task_id: str) -> TaskState:
             _executions.c.not_before,
             _executions.c.deferred,
             _executions.c.retry_base,
-        ).where(_executions.c.run_id == run_id, _executions.c.task_id == task_id)
+            _runs.c.stop_reason,
+            _runs.c.tenant,
+        )
+        .join(_runs, _runs.c.run_id == _executions.c.run_id)
+        .where(_executions.c.run_id == run_id, _executions.c.task_id == task_id)
     ).one_or_none()
     if row is None:
+        get_run(session, run_id)  # raises when the run itself is missing
         raise RunNotFoundError(f"no task {task_id!r} in run {run_id!r}", path="TASK")
-    return TaskState(TaskStatus(row[0]), row[1], row[2], row[3], row[4], bool(row[5]), row[6] or 0)
+    status, attempts, worker, lease_until, not_before, deferred, base, reason, tenant = row
+    return TaskState(
+        TaskStatus(status),
+        attempts,
+        worker,
+        lease_until,
+        not_before,
+        bool(deferred),
+        base or 0,
+        stop_reason=reason,
+        tenant=tenant,
+    )
 
 
 def claim_attempt(
