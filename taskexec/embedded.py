@@ -21,9 +21,12 @@ Both children also get ``PR_SET_PDEATHSIG`` so that a SIGKILLed parent leaves no
 
 Why a warm stop takes about 1.7 s: a billiard pool process sleeps 1 s after reporting its
 exit (``Worker._do_exit``) and Celery's prefork ``on_stop`` joins a timer thread that
-sleeps 0.5 s at a time; neither is configurable. The SIGTERM flag alone is read only when
-the worker's event loop next wakes, up to a second later, so the stop also sends the
-``shutdown`` control command (the same warm shutdown), which wakes it at once.
+sleeps 0.5 s at a time; neither is configurable. So the stop first has the worker cancel
+its consumers and asks what it runs: running nothing, it is killed at once (what is left
+in the queues dies with the private Redis either way). Otherwise it gets a warm stop. The
+SIGTERM flag alone is read only when the worker's event loop next wakes, up to a second
+later, so the stop also sends the ``shutdown`` control command (the same warm shutdown),
+which wakes it at once.
 
 Example:
     >>> with interrupt_on_signals(), EmbeddedFleet(Path(".taskexec")) as fleet:  # doctest: +SKIP
@@ -508,6 +511,12 @@ class EmbeddedFleet:
         self.timings["shutdown"] = time.monotonic() - t0
 
     def _stop_worker(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None and self._quiesced():
+            # Consuming nothing and running nothing: a warm stop would only wait for the pool
+            # processes' exit sleeps. Whatever is still queued dies with the private Redis,
+            # as it would after a warm stop.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
         if proc.poll() is None:
             # SIGTERM is Celery's warm shutdown: no new task, running ones finish and are
             # acked. The flag it sets is only read when the event loop wakes up, up to a
@@ -536,6 +545,30 @@ class EmbeddedFleet:
         for pid in marked_processes(self.marker):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+
+    def _quiesced(self) -> bool:
+        """Stop the worker consuming, then ask what it runs: true when nothing at all.
+
+        Any doubt (Redis gone, no answer, an error) is false: the warm stop follows.
+        """
+        if self.redis_proc is None or self.redis_proc.poll() is not None or self._hurry:
+            return False
+        from taskexec.celery_app import QUEUES, close_app, create_app
+
+        try:
+            app = create_app(self.settings)
+            try:
+                where = [self.worker_name]
+                for queue in QUEUES:
+                    if not app.control.cancel_consumer(queue, destination=where, reply=True, timeout=1.0):
+                        return False
+                active = app.control.inspect(destination=where, timeout=1.0).active() or {}
+                return active.get(self.worker_name) == []
+            finally:
+                close_app(app)
+        except Exception as e:
+            log.debug("could not ask the worker what it runs: %s", e)
+            return False
 
     def _broadcast_shutdown(self) -> None:
         if self.redis_proc is None or self.redis_proc.poll() is not None:

@@ -281,10 +281,13 @@ def _flow_control(
     wait, reason = waits[0]
     with rt.store.begin() as s:
         repo.count_throttled(s, run_id, task.id)
-    data = {"wait": round(wait, 3), "limit": task.rate_limit if "rate limit" in reason else "concurrency"}
+    rate_limited = "rate limit" in reason
+    data = {"wait": round(wait, 3), "limit": task.rate_limit if rate_limited else "concurrency"}
     message = f"{reason}; again in {wait:.2f} s"
     events.publish(rt.redis, [repo.Change(run_id, task.id, "throttled", 0, None, message, data)])
-    return Outcome(_record(run_id, task.id, _T.QUEUED), again_in=_jitter(wait), reason=reason, throttled=True)
+    # A token is reserved for its time: no jitter. Slots free up for whoever asks first.
+    again = wait if rate_limited else _jitter(wait)
+    return Outcome(_record(run_id, task.id, _T.QUEUED), again_in=again, reason=reason, throttled=True)
 
 
 def _release(rt: Runtime, slot: str | None, task_id: str) -> None:
