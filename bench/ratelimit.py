@@ -5,9 +5,8 @@
    baseline, an ``EVALSHA`` of a trivial script (``return 1``) with the same keys and
    arguments, through the same redis-py ``Script`` object, on the same Redis. Goal: p50
    ratio <= x1.3. Diagnostics say where the difference goes: ``_ACQUIRE`` called as a bare
-   ``Script`` (no ``RateLimiter`` wrapper), the same token bucket without its waiting line
-   (``_ACQUIRE`` minus its ZSET calls), and the Redis server's own microseconds per call
-   (``INFO commandstats``).
+   ``Script`` (no ``RateLimiter`` wrapper), and the Redis server's own microseconds per
+   call (``INFO commandstats``).
 2. The refused path (an empty bucket, each holder joins the waiting line), one process.
 3. End to end: a plan of 600 ``stub`` tasks under ``rate_limits: {llm: {per_minute: 6000}}``
    (burst 1) on one ``taskexec worker`` (``--concurrency`` prefork processes). The ideal time
@@ -54,36 +53,8 @@ TASKS = 600
 PER_MINUTE = 6000.0
 
 
-# The token bucket of ``taskexec.ratelimit._ACQUIRE`` without its waiting line (no ZSET call):
-# what the same refill logic costs alone. KEYS[1] bucket; ARGV as _ACQUIRE's (ARGV[4], [5] unused).
-NO_LINE = """
-local rate, burst, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens, ts = tonumber(state[1]), tonumber(state[2])
-if tokens == nil then
-  tokens, ts = burst, now
-end
-if now > ts then
-  tokens = math.min(burst, tokens + (now - ts) * rate)
-  ts = now
-end
-local granted, wait = 0, 0
-if tokens >= n then
-  tokens = tokens - n
-  granted = 1
-else
-  wait = (n - tokens) / rate
-end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(ts))
-redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 60)
-return {granted, tostring(wait), tostring(tokens), 0}
-"""
-
-
 def _caller(kind: str, client: redis.Redis, key: str, holder: str) -> Callable[[], Any]:
-    """One acquire of ``kind``: ``taskexec``, ``refused``, ``trivial``, ``no-line`` or ``script``."""
+    """One acquire of ``kind``: ``taskexec``, ``refused``, ``trivial`` or ``script``."""
     from taskexec.models import RateLimit
     from taskexec.ratelimit import RateLimiter
 
@@ -99,7 +70,7 @@ def _caller(kind: str, client: redis.Redis, key: str, holder: str) -> Callable[[
         return lambda: limiter.acquire(key, limit, holder=f"{holder}-{next(counter)}")
     from taskexec.ratelimit import _ACQUIRE
 
-    script = client.register_script({"trivial": TRIVIAL, "no-line": NO_LINE, "script": _ACQUIRE}[kind])
+    script = client.register_script({"trivial": TRIVIAL, "script": _ACQUIRE}[kind])
     keys = [key, key.replace("taskexec:rl:", "taskexec:rlq:", 1)]
     args = [1e6 / 60.0, 1_000_000, 1, holder, ""]
     return lambda: script(keys=keys, args=args)
@@ -219,8 +190,8 @@ def acquire_lines(acquires: int) -> bool:
     goal_ok = True
     for procs in (1, 4):
         count = acquires if procs == 1 else acquires // 2
-        m = measure(["trivial", "taskexec", "no-line", "script"], procs, count)
-        base, ours, plain, bare = m["trivial"], m["taskexec"], m["no-line"], m["script"]
+        m = measure(["trivial", "taskexec", "script"], procs, count)
+        base, ours, bare = m["trivial"], m["taskexec"], m["script"]
         ratio = ours["p50"] / base["p50"]
         goal_ok &= ratio <= 1.3
         plural = "es" if procs > 1 else ""
@@ -231,15 +202,13 @@ def acquire_lines(acquires: int) -> bool:
             f"ratio p50 x{ratio:.2f}, p99 x{ours['p99'] / base['p99']:.2f}, "
             f"throughput x{ours['rate'] / base['rate']:.2f} (goal p50 <= x1.3: "
             f"{'met' if ratio <= 1.3 else 'MISSED'}) | diagnostics: _ACQUIRE called as a bare Script "
-            f"p50 {bare['p50']:.0f} µs (x{bare['p50'] / base['p50']:.2f}), bucket without waiting line "
-            f"p50 {plain['p50']:.0f} µs (x{plain['p50'] / base['p50']:.2f})",
+            f"p50 {bare['p50']:.0f} µs (x{bare['p50'] / base['p50']:.2f})",
             flush=True,
         )
-    srv = {k: server_usec(k, 5000) for k in ("trivial", "taskexec", "no-line", "refused")}
+    srv = {k: server_usec(k, 5000) for k in ("trivial", "taskexec", "refused")}
     print(
         f"Redis server time per EVALSHA (commandstats): acquire granted {srv['taskexec']:.1f} µs, "
-        f"refused (joins the line) {srv['refused']:.1f} µs, bucket without waiting line "
-        f"{srv['no-line']:.1f} µs, 'return 1' {srv['trivial']:.1f} µs",
+        f"refused (joins the line) {srv['refused']:.1f} µs, 'return 1' {srv['trivial']:.1f} µs",
         flush=True,
     )
     refused = measure(["refused"], 1, acquires // 4)["refused"]

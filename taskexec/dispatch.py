@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
@@ -27,6 +28,7 @@ from taskexec import events
 from taskexec.celery_app import CONTROL, EXECUTOR, VALIDATOR
 from taskexec.errors import BrokerUnavailableError
 from taskexec.models import ErrorCode, ManifestTask, RunManifest, RunStatistics, RunStatus, TaskStatus
+from taskexec.ratelimit import RateLimiter, bucket_key
 from taskexec.store import Store, results
 from taskexec.store import repository as repo
 from taskexec.store.tables import Run, utcnow
@@ -100,6 +102,7 @@ def execute_signature(
     task_id: str | None = None,
     detached: bool = False,
     countdown: float | None = None,
+    eta: datetime | None = None,
 ) -> Signature:
     """The ``execute`` (``| validate`` when the task has criteria) of one task, with its time
     limits, its priority and an ``argsrepr`` of ids (never params: they may hold secrets).
@@ -120,6 +123,8 @@ def execute_signature(
         opts["task_id"] = task_id
     if countdown is not None:
         opts["countdown"] = countdown
+    if eta is not None:
+        opts["eta"] = eta
     kwargs = {"detached": True} if detached else {}
     sig = app.signature(
         "taskexec.execute", args=(run_id, task.id), kwargs=kwargs, options=opts, immutable=True
@@ -130,8 +135,10 @@ def execute_signature(
     return sig
 
 
-def _signature(app: Celery, run_id: str, task: ManifestTask, epoch: int) -> Signature:
-    return execute_signature(app, run_id, task, task_id=message_id(run_id, task.id, epoch))
+def _signature(
+    app: Celery, run_id: str, task: ManifestTask, epoch: int, eta: datetime | None = None
+) -> Signature:
+    return execute_signature(app, run_id, task, task_id=message_id(run_id, task.id, epoch), eta=eta)
 
 
 def send_dispatch(app: Celery, run_id: str, stage: int) -> None:
@@ -264,10 +271,12 @@ def dispatch(
                 if runnable:
                     changes += _queue(s, run_id, runnable, f"stage {stage} dispatched")
                     publish = (runnable, run.epoch)
+                    tenant = run.tenant
         events.publish(client, changes)
         if publish and publish[0]:
             tasks, epoch = publish
-            _publish_stage(app, store, run_id, stage, tasks, epoch)
+            pace = _pacing(app, client, m, run_id, tenant, tasks)
+            _publish_stage(app, store, run_id, stage, tasks, epoch, pace)
             return
         stage += 1
     finalize(store, run_id, client=client)
@@ -324,15 +333,71 @@ def send_release(app: Celery, run_id: str) -> None:
     )
 
 
+def _pacing(
+    app: Celery,
+    client: redis.Redis | None,
+    m: RunManifest,
+    run_id: str,
+    tenant: str | None,
+    tasks: list[ManifestTask],
+) -> dict[str, datetime]:
+    """Times (ETAs) that spread a stage's rate-limited tasks over what their buckets allow.
+
+    Sent all at once, the tasks of a stage would all ask for a token at once, and all but
+    the burst would be refused and re-queued, each refusal a trip through a worker that
+    delays the tasks whose turn has come. Sent with these ETAs (the k-th task of a bucket
+    when, at the rate, the bucket as it stands now will hold a token for it), they arrive
+    about when their tokens do. Absolute times, not countdowns: publishing a large chord
+    takes a while, and countdowns would add that to each task's time. Only a hint: the
+    worker still asks the bucket. None past half the broker's visibility timeout (Redis
+    would deliver it again).
+    """
+    limited = [t for t in tasks if t.rate_limit is not None]
+    if client is None or not limited:
+        return {}
+    options = app.conf.broker_transport_options or {}
+    horizon = float(options.get("visibility_timeout", 3600)) / 2
+    limiter = RateLimiter(client)
+    now = datetime.now(UTC)
+    pace: dict[str, datetime] = {}
+    ahead: dict[str, float] = {}  # bucket -> tokens short before the next task of it
+    for t in limited:
+        assert t.rate_limit is not None
+        limit = m.rate_limits[t.rate_limit]
+        key = bucket_key(t.rate_limit, limit, run_id=run_id, tenant=tenant)
+        if key not in ahead:
+            try:
+                tokens, waiting = limiter.peek(key, limit)
+            except redis.RedisError:
+                return {}
+            ahead[key] = waiting - tokens
+        ahead[key] += 1
+        rate = limit.per_minute / 60.0
+        # A little early (half a token's time, at most 20 ms): a task that arrives late
+        # leaves its token unused past the burst, a time no later task makes up; one that
+        # arrives early waits in its worker for the token (workers.runner.SHORT_WAIT).
+        wait = ahead[key] / rate - min(0.02, 0.5 / rate)
+        if 0 < wait <= horizon:
+            pace[t.id] = now + timedelta(seconds=wait)
+    return pace
+
+
 def _publish_stage(
-    app: Celery, store: Store, run_id: str, stage: int | None, tasks: list[ManifestTask], epoch: int
+    app: Celery,
+    store: Store,
+    run_id: str,
+    stage: int | None,
+    tasks: list[ManifestTask],
+    epoch: int,
+    pace: dict[str, datetime] | None = None,
 ) -> None:
     """Send a chord of tasks; if the broker refuses it, undo the dispatch in the store.
 
     ``stage`` is the stage dispatched (its body dispatches the next one), or ``None`` for a
-    batch of released tasks (its body releases again).
+    batch of released tasks (its body releases again). ``pace``: ETAs by task id.
     """
-    header = [_signature(app, run_id, t, epoch) for t in tasks]
+    pace = pace or {}
+    header = [_signature(app, run_id, t, epoch, pace.get(t.id)) for t in tasks]
     if stage is None:
         body = app.signature(
             "taskexec.release",

@@ -5,17 +5,16 @@ Celery issue 5732). Here every worker of the fleet takes tokens from one bucket 
 atomically, in a Lua script that reads the Redis server's clock (``TIME``), so worker
 clocks never matter.
 
-A task refused a token is not blocked: the token it will get is reserved for it (a
-waiting line per bucket), it learns when that token will be there, and Celery re-queues it
-with that countdown. Tasks waiting in line are therefore spread over the refill, each
-coming back once, at its turn, instead of all retrying at the next token.
+A task refused a token is not blocked: it gets the seconds until a token will be there
+for it, counting the tasks already waiting ahead of it (a waiting line per bucket), and
+Celery re-queues it with that countdown. Tasks waiting in line are therefore spread over
+the refill instead of all retrying at the next token.
 
 Keys (``{scope}`` is ``run:<run id>``, ``tenant:<tenant>`` or ``global``):
 
-* ``taskexec:rl:{scope}:<limit>``: hash ``tokens`` (below zero by the tokens reserved for
-  the waiting line), ``ts`` (server seconds of the last refill);
-* ``taskexec:rlq:{scope}:<limit>``: sorted set of waiting holders, scored by the time
-  their reserved tokens are refilled;
+* ``taskexec:rl:{scope}:<limit>``: hash ``tokens``, ``ts`` (server seconds of the last refill);
+* ``taskexec:rlq:{scope}:<limit>``: sorted set of waiting holders, scored by when each
+  is expected back;
 * ``taskexec:slots:<run id>``: sorted set of holders of a run's concurrency slots, scored
   by lease expiry (a killed worker's slot comes back when its lease runs out).
 
@@ -37,17 +36,11 @@ from taskexec.models import RateLimit
 
 __all__ = ["Grant", "RateLimiter", "Slots", "bucket_key", "slots_key"]
 
-# KEYS[1] bucket hash {tokens, ts}; KEYS[2] waiting line (zset holder -> its reserved time)
+# KEYS[1] bucket hash {tokens, ts}; KEYS[2] waiting line (zset holder -> expected return)
 # ARGV[1] refill rate, tokens per second; ARGV[2] burst (bucket capacity); ARGV[3] tokens
 #   wanted; ARGV[4] holder id; ARGV[5] "now" in seconds for tests ('' = Redis TIME)
 # Returns {granted 0|1, seconds to wait (string), tokens left (string), holders waiting}.
 # Numbers go back as strings: Redis turns Lua numbers into integers.
-#
-# A refused holder reserves its tokens: the bucket goes below zero by them, and the holder
-# joins the line with the time its tokens will have been refilled. Back at that time, it
-# is granted without taking tokens again; a newcomer can only queue behind the debt. So
-# every holder is refused at most once (unless it comes back early), and the grants follow
-# the rate exactly. A holder that never comes back leaves the line 30 s after its time.
 _ACQUIRE = """
 local rate, burst, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local holder = ARGV[4]
@@ -58,6 +51,7 @@ else
   local t = redis.call('TIME')
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
+-- a holder that did not come back within 30 s of its turn has left the line
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 30)
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
 local tokens, ts = tonumber(state[1]), tonumber(state[2])
@@ -68,28 +62,29 @@ if now > ts then
   tokens = math.min(burst, tokens + (now - ts) * rate)
   ts = now
 end
+local ttl = math.ceil(burst / rate) + 60
 local granted, wait = 0, 0
-local turn = redis.call('ZSCORE', KEYS[2], holder)
-if turn then
-  -- Reserved earlier: granted at its time (10 ms early at most: worker clocks differ).
-  wait = tonumber(turn) - now
-  if wait <= 0.01 then
-    granted, wait = 1, 0
-    redis.call('ZREM', KEYS[2], holder)
-  end
-elseif tokens >= n then
+local my_turn = redis.call('ZSCORE', KEYS[2], holder)
+local ahead
+if my_turn then
+  ahead = redis.call('ZCOUNT', KEYS[2], '-inf', '(' .. my_turn)
+else
+  ahead = redis.call('ZCARD', KEYS[2])
+end
+-- Grant when the tokens cover the holders ahead in line too, or when this holder's turn
+-- has come (those ahead of it are late: their turns came earlier).
+if tokens - ahead * n >= n or (my_turn and tonumber(my_turn) <= now and tokens >= n) then
   tokens = tokens - n
   granted = 1
+  redis.call('ZREM', KEYS[2], holder)
 else
-  tokens = tokens - n
-  wait = -tokens / rate
+  wait = (n - tokens + ahead * n) / rate
   if wait < 0.001 then wait = 0.001 end
   redis.call('ZADD', KEYS[2], now + wait, holder)
   redis.call('EXPIRE', KEYS[2], math.ceil(wait) + 60)
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(ts))
--- Kept until the bucket is full again (a debt included), then a minute more.
-redis.call('EXPIRE', KEYS[1], math.ceil((burst - tokens) / rate) + 60)
+redis.call('EXPIRE', KEYS[1], ttl)
 return {granted, tostring(wait), tostring(tokens), redis.call('ZCARD', KEYS[2])}
 """
 
@@ -205,13 +200,13 @@ class RateLimiter:
             keys=[key, key.replace("taskexec:rl:", "taskexec:rlq:", 1)],
             args=[limit.per_minute / 60.0, limit.burst, n, holder, _now(now)],
         )
-        return Grant(bool(granted), float(wait), max(0.0, float(tokens)), int(waiting))
+        return Grant(bool(granted), float(wait), float(tokens), int(waiting))
 
     def peek(self, key: str, limit: RateLimit) -> tuple[float, int]:
         """Tokens available now (as of the last refill) and holders waiting, for status views."""
         tokens, _ = self.client.hmget(key, ["tokens", "ts"])
         waiting = self.client.zcard(key.replace("taskexec:rl:", "taskexec:rlq:", 1))
-        return (max(0.0, float(tokens)) if tokens is not None else float(limit.burst)), int(waiting)
+        return (float(tokens) if tokens is not None else float(limit.burst)), int(waiting)
 
 
 class Slots:
