@@ -6,7 +6,8 @@
    arguments, through the same redis-py ``Script`` object, on the same Redis. Goal: p50
    ratio <= x1.3. Diagnostics say where the difference goes: ``_ACQUIRE`` called as a bare
    ``Script`` (no ``RateLimiter`` wrapper), and the Redis server's own microseconds per
-   call (``INFO commandstats``).
+   call (``INFO commandstats``). The kinds are called in turn, call by call, in each
+   process: whatever the machine does meanwhile falls on all of them alike.
 2. The refused path (an empty bucket, each holder joins the waiting line), one process.
 3. End to end: a plan of 600 ``stub`` tasks under ``rate_limits: {llm: {per_minute: 6000}}``
    (burst 1) on one ``taskexec worker`` (``--concurrency`` prefork processes). The ideal time
@@ -48,7 +49,6 @@ from bench.services import (
 )
 
 TRIVIAL = "return 1"
-ROUNDS = 5  # the kinds measured take turns, this many times
 TASKS = 600
 PER_MINUTE = 6000.0
 
@@ -76,60 +76,53 @@ def _caller(kind: str, client: redis.Redis, key: str, holder: str) -> Callable[[
     return lambda: script(keys=keys, args=args)
 
 
-def _worker(kind: str, key: str, holder: str, count: int, start: Any, out: Any) -> None:
+def _worker(kinds: list[str], key: str, holder: str, count: int, start: Any, out: Any) -> None:
+    """``count`` calls of each kind, interleaved call by call (each kind on its own bucket)."""
     client = redis.Redis.from_url(REDIS)
-    call = _caller(kind, client, key, holder)
+    calls = [_caller(kind, client, f"{key}:{kind}", holder) for kind in kinds]
     for _ in range(200):  # connection, script cache, warm code paths
-        call()
-    lat = [0.0] * count
+        for call in calls:
+            call()
+    lat: list[list[float]] = [[0.0] * count for _ in kinds]
+    order = list(range(len(kinds)))
     start.wait()
-    t0 = time.perf_counter()
     for i in range(count):
-        a = time.perf_counter()
-        call()
-        lat[i] = time.perf_counter() - a
-    out.put((time.perf_counter() - t0, lat))
+        order.append(order.pop(0))  # no kind always first (or always after another)
+        for k in order:
+            a = time.perf_counter()
+            calls[k]()
+            lat[k][i] = time.perf_counter() - a
+    out.put(lat)
     client.close()
 
 
-def _run(kind: str, procs: int, count: int) -> tuple[float, list[float]]:
-    """``procs`` processes, ``count`` calls each, on one bucket: wall seconds, latencies."""
+def measure(kinds: list[str], procs: int, count: int) -> dict[str, dict[str, float]]:
+    """p50, p99 (µs) and calls/s of each kind: ``procs`` processes, ``count`` calls each.
+
+    Each process calls the kinds in turn, call by call, so that a drift of the machine
+    (another process waking up, the host's other tenants) falls on all of them alike. A
+    kind's calls/s is its calls over the time its calls took, per process, summed.
+    """
     key = f"taskexec:rl:bench:{uuid.uuid4().hex[:6]}"
     ctx = mp.get_context("fork")
     start, out = ctx.Barrier(procs), ctx.Queue()
     workers = [
-        ctx.Process(target=_worker, args=(kind, key, f"h{i}", count, start, out)) for i in range(procs)
+        ctx.Process(target=_worker, args=(kinds, key, f"h{i}", count, start, out)) for i in range(procs)
     ]
     for w in workers:
         w.start()
     results = [out.get(timeout=600) for _ in workers]
     for w in workers:
         w.join()
-    return max(t for t, _ in results), [x for _, xs in results for x in xs]
-
-
-def measure(kinds: list[str], procs: int, count: int) -> dict[str, dict[str, float]]:
-    """p50, p99 (µs) and calls/s of each kind: ``count`` calls per process in all.
-
-    The kinds take turns in ROUNDS rounds, so that a drift of the machine (another
-    session's tests starting, say) falls on all of them alike.
-    """
-    wall = dict.fromkeys(kinds, 0.0)
-    lat: dict[str, list[float]] = {k: [] for k in kinds}
-    for _ in range(ROUNDS):
-        for kind in kinds:
-            t, xs = _run(kind, procs, count // ROUNDS)
-            wall[kind] += t
-            lat[kind] += xs
-    out = {}
-    for kind in kinds:
-        xs = sorted(lat[kind])
-        out[kind] = {
+    stats = {}
+    for k, kind in enumerate(kinds):
+        xs = sorted(x for lat in results for x in lat[k])
+        stats[kind] = {
             "p50": 1e6 * xs[len(xs) // 2],
             "p99": 1e6 * xs[min(len(xs) - 1, int(0.99 * len(xs)))],
-            "rate": len(xs) / wall[kind],
+            "rate": sum(len(lat[k]) / sum(lat[k]) for lat in results),
         }
-    return out
+    return stats
 
 
 def server_usec(kind: str, count: int) -> float:
@@ -225,11 +218,14 @@ def main() -> None:
     ap.add_argument("--acquires", type=int, default=20_000, help="calls per process")
     ap.add_argument("--concurrency", type=int, default=2, help="prefork processes of the e2e worker")
     ap.add_argument("--e2e-only", action="store_true", help="only the end-to-end run")
+    ap.add_argument("--acquire-only", action="store_true", help="only the acquire latencies")
     args = ap.parse_args()
     print(f"load average before: {loadavg()}", flush=True)
     flush_bench_redis()
     try:
         goal_ok = None if args.e2e_only else acquire_lines(args.acquires)
+        if args.acquire_only:
+            return
         flush_bench_redis()
         with tempfile.TemporaryDirectory() as d:
             e2e = end_to_end(args.concurrency, Path(d))

@@ -252,8 +252,9 @@ class Client:
                     scope=limit.scope,
                     per_minute=limit.per_minute,
                     burst=limit.burst,
-                    tokens=round(tokens, 3),
+                    tokens=round(max(0.0, tokens), 3),
                     waiting=waiting,
+                    reserved=round(max(0.0, -tokens), 3),
                 )
             )
         held = Slots(self.redis).held(slots_key(run_id)) if manifest.concurrency else 0

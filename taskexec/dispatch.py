@@ -29,6 +29,7 @@ from taskexec.celery_app import CONTROL, EXECUTOR, VALIDATOR
 from taskexec.errors import BrokerUnavailableError
 from taskexec.models import ErrorCode, ManifestTask, RunManifest, RunStatistics, RunStatus, TaskStatus
 from taskexec.ratelimit import RateLimiter, bucket_key
+from taskexec.settings import Settings
 from taskexec.store import Store, results
 from taskexec.store import repository as repo
 from taskexec.store.tables import Run, utcnow
@@ -349,14 +350,15 @@ def _pacing(
     when, at the rate, the bucket as it stands now will hold a token for it), they arrive
     about when their tokens do. Absolute times, not countdowns: publishing a large chord
     takes a while, and countdowns would add that to each task's time. Only a hint: the
-    worker still asks the bucket. None past half the broker's visibility timeout (Redis
-    would deliver it again).
+    worker still asks the bucket. None past ``max_throttle_wait`` (a message with an ETA
+    waits in a worker's memory, and Redis delivers it again past half the visibility
+    timeout): those tasks ask at once, and take their turn in the bucket's line.
     """
     limited = [t for t in tasks if t.rate_limit is not None]
     if client is None or not limited:
         return {}
-    options = app.conf.broker_transport_options or {}
-    horizon = float(options.get("visibility_timeout", 3600)) / 2
+    settings: Settings = app.conf.taskexec_settings
+    horizon = min(settings.max_throttle_wait, settings.visibility_timeout / 2)
     limiter = RateLimiter(client)
     now = datetime.now(UTC)
     pace: dict[str, datetime] = {}
@@ -367,10 +369,10 @@ def _pacing(
         key = bucket_key(t.rate_limit, limit, run_id=run_id, tenant=tenant)
         if key not in ahead:
             try:
-                tokens, waiting = limiter.peek(key, limit)
+                tokens, _ = limiter.peek(key, limit)  # below zero by the tokens reserved
             except redis.RedisError:
                 return {}
-            ahead[key] = waiting - tokens
+            ahead[key] = -tokens
         ahead[key] += 1
         rate = limit.per_minute / 60.0
         # A little early (half a token's time, at most 20 ms): a task that arrives late
@@ -508,11 +510,30 @@ def finalize(
         if change is None:
             return None
         changes.append(change)
-        wants_notice = any("run_finished" in n.events for n in compiled_run(s, run_id).manifest.notify)
+        manifest = compiled_run(s, run_id).manifest
+        wants_notice = any("run_finished" in n.events for n in manifest.notify)
+        stopped, tenant = run.stop_reason is not None or error is not None, run.tenant
     events.publish(client, changes)
+    if stopped and client is not None:
+        _give_back_tokens(client, run_id, tenant, manifest)
     if wants_notice:
         send_notice(run_id, "run_finished")
     return final
+
+
+def _give_back_tokens(client: redis.Redis, run_id: str, tenant: str | None, manifest: RunManifest) -> None:
+    """Return the tokens its buckets reserved for a stopped run's tasks that waited in line.
+
+    Those tasks will not come back for them (they were cancelled): other runs sharing a
+    bucket would otherwise wait for tokens promised to nobody until the line forgets them.
+    """
+    limiter = RateLimiter(client)
+    for name, limit in manifest.rate_limits.items():
+        key = bucket_key(name, limit, run_id=run_id, tenant=tenant)
+        try:
+            limiter.give_back(key, limit, run_id=run_id)
+        except redis.RedisError as e:  # they come back by themselves 30 s after their turn
+            log.warning("tokens of run %s not given back to %s: %s", run_id, key, e)
 
 
 def send_notice(run_id: str, event: str, task_id: str | None = None) -> None:

@@ -77,7 +77,8 @@ def render(
             lines.append(
                 Text(
                     f"  rate limit {limit.name}: {limit.tokens:.1f}/{limit.burst} tokens, "
-                    f"{limit.waiting} waiting ({limit.per_minute:g}/min, {limit.scope})",
+                    f"{limit.waiting} waiting ({limit.reserved:.1f} reserved; "
+                    f"{limit.per_minute:g}/min, {limit.scope})",
                     style="cyan",
                 )
             )

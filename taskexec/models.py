@@ -372,8 +372,12 @@ class LimitState(_Frozen):
     scope: Literal["run", "global", "tenant"]
     per_minute: float
     burst: int
+    #: Tokens a task asking now would find (0 while tasks wait in line).
     tokens: float
+    #: Tasks (of any run sharing the bucket) waiting in line for a token.
     waiting: int
+    #: Tokens promised to the waiting tasks, refilled at the rate before newcomers get any.
+    reserved: float = 0.0
 
 
 class FlowState(_Frozen):

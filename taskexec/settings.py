@@ -68,6 +68,13 @@ class Settings(BaseSettings):
         description="A running task's claim (and concurrency slot) lasts this long unless its worker "
         "renews it (every third of it); a lost worker's task is taken over after it.",
     )
+    max_throttle_wait: float = Field(
+        300.0,
+        gt=0,
+        le=3600,
+        description="Longest countdown of a task waiting for a token or a slot: it asks again then "
+        "(a countdown stays in a worker's memory). Also kept under half of visibility_timeout.",
+    )
     reconcile_interval: float = Field(
         15.0,
         ge=0.5,

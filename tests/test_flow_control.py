@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,8 @@ import pytest
 import redis
 
 from taskexec import Client, RunStatus, TaskStatus, parse_plan
+from taskexec.models import RateLimit
+from taskexec.ratelimit import RateLimiter, bucket_key
 from taskexec.settings import Settings
 from tests.conftest import Fleet, make_fleet_env, wait_for
 
@@ -30,7 +31,9 @@ def four(redis_db: str, pg_url: str, tmp_path_factory: pytest.TempPathFactory) -
     """Four executor worker processes (separate workers, one process each) and a validator,
     shared by the tests of this module (each test has its own runs and limit names)."""
     tmp = tmp_path_factory.mktemp("four")
-    f = Fleet({**make_fleet_env(redis_db, pg_url, tmp / "home"), "TASKEXEC_LEASE_SECONDS": "3"}, tmp)
+    env = make_fleet_env(redis_db, pg_url, tmp / "home")
+    # Short leases, and a waiting task asks again every second: a few seconds show both.
+    f = Fleet({**env, "TASKEXEC_LEASE_SECONDS": "3", "TASKEXEC_MAX_THROTTLE_WAIT": "1"}, tmp)
     try:
         f.start_many(*((("executor", 1, f"exec{i}")) for i in range(4)), ("validator", 1, "val"))
         yield f
@@ -116,35 +119,51 @@ def test_a_global_limit_is_shared_by_runs_and_run_limits_are_not(four: Fleet, tm
 
 def test_a_throttled_task_keeps_its_only_attempt(four: Fleet, tmp_path: Path) -> None:
     log = tmp_path / "starts.txt"
-    limit = {"per_minute": 60, "burst": 1, "scope": "global"}
+    limit = {"per_minute": 60, "burst": 10, "scope": "global"}
     doc = plan_of(1, limit, log, name="starved", retry={"max_attempts": 1})
-    key = "taskexec:rl:global:starved"
+    starved = RateLimit(**limit)
+    key = bucket_key("starved", starved, run_id="-")
     r = redis.Redis.from_url(four.env["TASKEXEC_BROKER_URL"])
-    stop = threading.Event()
-
-    def starve() -> None:  # another consumer of the same limit takes every token for a while
-        while not stop.wait(0.02):
-            r.hset(key, mapping={"tokens": "0", "ts": repr(float(r.time()[0]) + r.time()[1] / 1e6)})
-
-    hog = threading.Thread(target=starve)
-    hog.start()
+    # Another consumer of the same limit (another fleet with the same API key) takes the
+    # burst and asks for as much again: the task queues behind 10 s of tokens promised to
+    # it, and asks again every second (TASKEXEC_MAX_THROTTLE_WAIT) until its turn.
+    other = RateLimiter(r)
+    assert other.acquire(key, starved, holder="other/0", n=10).granted
+    promised = other.acquire(key, starved, holder="other/1", n=10)
+    assert not promised.granted and promised.wait > 9
+    turn = time.monotonic() + promised.wait
     try:
         with client_for(four) as client:
             handle = client.submit(parse_plan(doc))
             wait_for(lambda: handle.status().tasks[0].throttled >= 5, timeout=60, what="5 waits for a token")
             [seen] = client.flow(handle.run_id).limits
-            assert (seen.name, seen.scope, seen.waiting) == ("starved", "global", 1)
-            assert seen.tokens < 1
-            stop.set()
+            assert (seen.name, seen.scope, seen.waiting) == ("starved", "global", 2)  # other/1, the task
+            # Tokens still owed, as refilled since: the other's 10 before its turn, the task's 1.
+            assert seen.tokens < 1 and 1 < seen.reserved < 11
+            assert handle.status().tasks[0].status is TaskStatus.QUEUED
+            time.sleep(max(0.0, turn - time.monotonic()))
+            assert other.acquire(key, starved, holder="other/1", n=10).granted  # the other's turn
             result = handle.wait(timeout=60)
     finally:
-        stop.set()
-        hog.join()
         r.close()
     [task] = result.tasks
     assert result.status is RunStatus.SUCCEEDED
     assert (task.status, task.attempts) == (TaskStatus.SUCCEEDED, 1)
     assert task.throttled >= 5 and result.statistics.throttled == task.throttled
+
+
+def test_a_cancelled_run_gives_back_the_tokens_reserved_for_its_tasks(four: Fleet, tmp_path: Path) -> None:
+    limit = {"per_minute": 60, "burst": 1, "scope": "global"}
+    doc = plan_of(10, limit, tmp_path / "starts.txt", prefix="c", name="given-back")
+    with client_for(four) as client:
+        handle = client.submit(parse_plan(doc))
+        wait_for(lambda: client.flow(handle.run_id).limits[0].waiting >= 5, what="tasks waiting in line")
+        handle.cancel()
+        assert handle.wait(timeout=30).status is RunStatus.CANCELLED
+        [after] = client.flow(handle.run_id).limits
+    # Nine tasks waited for tokens up to 9 s away: their tokens are back for other runs.
+    assert (after.waiting, after.reserved) == (0, 0.0)
+    assert after.tokens >= 0
 
 
 def test_a_high_priority_task_overtakes_a_backlog(fleet_env: dict[str, str], tmp_path: Path) -> None:

@@ -314,12 +314,16 @@ def test_the_view_shows_rate_limits_and_slots() -> None:
     result = RunResult(run_id="r", plan_id="p", variant="default", status=RunStatus.RUNNING,
                        statistics=RunStatistics(), submitted_at=now)  # fmt: skip
     flow = FlowState(
-        limits=[LimitState(name="llm", scope="global", per_minute=120, burst=10, tokens=2.5, waiting=7)],
+        limits=[
+            LimitState(
+                name="llm", scope="global", per_minute=120, burst=10, tokens=0.0, waiting=7, reserved=6.5
+            )
+        ],
         concurrency=3,
         running=2,
     )
     console = Console(record=True, width=120)
     console.print(render(result, flow=flow))
     text = console.export_text()
-    assert "rate limit llm: 2.5/10 tokens, 7 waiting (120/min, global)" in text
+    assert "rate limit llm: 0.0/10 tokens, 7 waiting (6.5 reserved; 120/min, global)" in text
     assert "concurrency: 2/3 slots held" in text

@@ -53,7 +53,53 @@ def test_refused_holders_wait_in_line_spread_over_the_refill(client: redis.Redis
     # A newcomer does not jump the line while others wait for the tokens.
     assert not limiter.acquire(key, LIMIT, holder="newcomer", now=51.0).granted
     assert limiter.acquire(key, LIMIT, holder="w0", now=51.0).granted
-    assert limiter.peek(key, LIMIT)[1] == 3  # w1, w2 and the newcomer still wait
+    assert limiter.peek(key, LIMIT, now=51.0) == (-3.0, 3)  # w1, w2 and the newcomer wait, reserved
+
+
+def test_a_refused_holder_is_granted_its_reserved_token_at_its_time_and_only_then(
+    client: redis.Redis,
+) -> None:
+    limiter = RateLimiter(client)
+    key = bucket_key("api", LIMIT, run_id="r")
+    for i in range(5):
+        limiter.acquire(key, LIMIT, holder=f"t{i}", now=10.0)
+    turns = {f"w{i}": 10.0 + limiter.acquire(key, LIMIT, holder=f"w{i}", now=10.0).wait for i in range(4)}
+    assert turns == {"w0": 11.0, "w1": 12.0, "w2": 13.0, "w3": 14.0}
+    early = limiter.acquire(key, LIMIT, holder="w2", now=12.5)  # early: told the rest, keeps its turn
+    assert (early.granted, early.wait) == (False, 0.5)
+    # Each granted at its turn, a newcomer behind them all: grants follow the rate exactly.
+    assert all(limiter.acquire(key, LIMIT, holder=h, now=t).granted for h, t in turns.items())
+    newcomer = limiter.acquire(key, LIMIT, holder="n", now=14.0)
+    assert (newcomer.granted, newcomer.wait, newcomer.waiting) == (False, 1.0, 1)
+
+
+def test_tokens_reserved_for_a_holder_that_never_comes_back_return_after_30_s(client: redis.Redis) -> None:
+    slow = RateLimit(per_minute=6, burst=10)  # a token every 10 s
+    limiter = RateLimiter(client)
+    key = bucket_key("api", slow, run_id="r")
+    assert limiter.acquire(key, slow, holder="t", n=10, now=0.0).granted
+    assert limiter.acquire(key, slow, holder="gone", n=3, now=0.0).wait == 30.0  # its turn: 30.0
+    tokens, waiting = limiter.peek(key, slow, now=59.5)
+    assert (tokens, waiting) == (pytest.approx(2.95), 1)
+    # 30 s past its turn it has left the line, and its 3 tokens are back.
+    tokens, waiting = limiter.peek(key, slow, now=60.5)
+    assert (tokens, waiting) == (pytest.approx(2.95 + 3 + 0.1), 0)
+
+
+def test_an_ended_run_gives_back_the_tokens_reserved_for_its_waiting_tasks(client: redis.Redis) -> None:
+    shared = RateLimit(per_minute=60, burst=2, scope="global")
+    limiter = RateLimiter(client)
+    key = bucket_key("api", shared, run_id="a")
+    assert limiter.acquire(key, shared, holder="a/t0", n=2, now=0.0).granted
+    for holder in ("a/t1", "b/t1", "a/t10", "a/t2"):
+        limiter.acquire(key, shared, holder=holder, now=0.0)
+    limiter.acquire(key, shared, holder="a/t3", n=2, now=0.0)
+    assert limiter.peek(key, shared, now=0.0) == (-6.0, 5)
+    assert limiter.give_back(key, shared, run_id="a", task_id="t1", now=0.0) == 1.0  # not a/t10
+    assert limiter.give_back(key, shared, run_id="a", now=1.0) == 4.0
+    assert limiter.peek(key, shared, now=1.0) == (0.0, 1)  # b/t1's token is still reserved
+    assert limiter.acquire(key, shared, holder="b/t1", now=2.0).granted  # at its turn, as promised
+    assert limiter.give_back(key, shared, run_id="a", now=2.0) == 0.0
 
 
 def test_asking_for_more_than_the_burst_is_refused_clearly(client: redis.Redis) -> None:

@@ -58,7 +58,7 @@ from taskexec.errors import (
     TaskFailed,
 )
 from taskexec.models import ErrorCode, ManifestTask, RunManifest, TaskStatus
-from taskexec.ratelimit import RateLimiter, Slots, bucket_key, slots_key
+from taskexec.ratelimit import RateLimiter, Slots, bucket_key, holder, slots_key
 from taskexec.settings import Settings
 from taskexec.store import Store, results
 from taskexec.store import repository as repo
@@ -272,15 +272,19 @@ def _flow_control(
     if not waits and task.rate_limit is not None:
         limit = manifest.rate_limits[task.rate_limit]
         key = bucket_key(task.rate_limit, limit, run_id=run_id, tenant=tenant)
-        holder = f"{run_id}/{task.id}"
-        grant = rt.limiter.acquire(key, limit, holder=holder)
+        asker = holder(run_id, task.id)
+        grant = rt.limiter.acquire(key, limit, holder=asker)
         if not grant.granted and grant.wait <= SHORT_WAIT:
             # A token reserved for a few milliseconds from now: waiting here is cheaper
             # than a trip through the broker, which would make the task late for it.
             time.sleep(grant.wait)
-            grant = rt.limiter.acquire(key, limit, holder=holder)
+            grant = rt.limiter.acquire(key, limit, holder=asker)
         if not grant.granted:
             _release(rt, slot, task.id)
+            if rt.limiter.client.exists(events.cancel_key(run_id)):
+                # Cancelled while it asked: the run's reserved tokens may already have been
+                # given back (dispatch.finalize), so this one gives back its own.
+                rt.limiter.give_back(key, limit, run_id=run_id, task_id=task.id)
             waits.append((grant.wait, f"rate limit {task.rate_limit!r}: {grant.waiting} waiting"))
     if not waits:
         return None
@@ -288,11 +292,14 @@ def _flow_control(
     with rt.store.begin() as s:
         repo.count_throttled(s, run_id, task.id)
     rate_limited = "rate limit" in reason
-    data = {"wait": round(wait, 3), "limit": task.rate_limit if rate_limited else "concurrency"}
-    message = f"{reason}; again in {wait:.2f} s"
-    events.publish(rt.redis, [repo.Change(run_id, task.id, "throttled", 0, None, message, data)])
     # A token is reserved for its time: no jitter. Slots free up for whoever asks first.
     again = wait if rate_limited else _jitter(wait)
+    # A countdown is held in a worker's memory, and Redis delivers it again past the
+    # visibility timeout: a long wait is spent in several, the task asking again between.
+    again = min(again, rt.settings.max_throttle_wait, rt.settings.visibility_timeout / 2)
+    data = {"wait": round(again, 3), "limit": task.rate_limit if rate_limited else "concurrency"}
+    message = f"{reason}; again in {again:.2f} s"
+    events.publish(rt.redis, [repo.Change(run_id, task.id, "throttled", 0, None, message, data)])
     return Outcome(_record(run_id, task.id, _T.QUEUED), again_in=again, reason=reason, throttled=True)
 
 

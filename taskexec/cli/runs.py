@@ -202,7 +202,8 @@ def _print_flow(client: Client, run_id: str) -> None:
     for limit in flow.limits:
         click.echo(
             f"rate limit {limit.name} ({limit.scope}, {limit.per_minute:g}/min, burst {limit.burst}): "
-            f"{limit.tokens:.1f} tokens available, {limit.waiting} task(s) waiting"
+            f"{limit.tokens:.1f} tokens available, {limit.waiting} task(s) waiting "
+            f"({limit.reserved:.1f} tokens reserved for them)"
         )
     if flow.concurrency:
         click.echo(f"concurrency: {flow.running} of {flow.concurrency} slots held")
