@@ -68,10 +68,10 @@ def _caller(kind: str, client: redis.Redis, key: str, holder: str) -> Callable[[
         counter = iter(range(10**9))
         limiter.acquire(key, limit, holder="first")  # the bucket's one token: every later ask waits
         return lambda: limiter.acquire(key, limit, holder=f"{holder}-{next(counter)}")
-    from taskexec.ratelimit import _ACQUIRE
+    from taskexec.ratelimit import _ACQUIRE, _keys
 
     script = client.register_script({"trivial": TRIVIAL, "script": _ACQUIRE}[kind])
-    keys = [key, key.replace("taskexec:rl:", "taskexec:rlq:", 1)]
+    keys = _keys(key)
     args = [1e6 / 60.0, 1_000_000, 1, holder, ""]
     return lambda: script(keys=keys, args=args)
 

@@ -517,6 +517,8 @@ class EmbeddedFleet:
             # as it would after a warm stop.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)  # reaped: no warm stop sent to a dead worker below
         if proc.poll() is None:
             # SIGTERM is Celery's warm shutdown: no new task, running ones finish and are
             # acked. The flag it sets is only read when the event loop wakes up, up to a

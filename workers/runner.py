@@ -392,7 +392,7 @@ def _run_handler(
             output=output,
             lease_until=None,
         )
-        stopping = repo.stop_reason(s, run_id) == "cancelled"
+        stopping = _cancelling(s, run_id)
     if change is None:  # cancelled, or taken over after this worker's lease ran out
         return Outcome(_record(run_id, task.id, _current(rt, run_id, task.id)))
     events.publish(rt.redis, [change])
@@ -550,11 +550,16 @@ def _end(
         notify = status.failure and any(
             "task_failed" in n.events for n in compiled_run(s, run_id).manifest.notify
         )
-        stopping = repo.stop_reason(s, run_id) == "cancelled"
+        stopping = _cancelling(s, run_id)
     events.publish(rt.redis, [change])
     if notify:
         send_notice(run_id, "task_failed", task.id)
     return _settled(rt, run_id, task, status, detached, stopping=stopping)
+
+
+def _cancelling(session: Session, run_id: str) -> bool:
+    """Whether the run is being cancelled (it then ends when its last running task does)."""
+    return repo.stop_reason(session, run_id) == "cancelled"
 
 
 def _settled(
@@ -573,7 +578,7 @@ def _settled(
     """
     if stopping is None:
         with rt.store.begin() as s:
-            stopping = repo.stop_reason(s, run_id) == "cancelled"
+            stopping = _cancelling(s, run_id)
     if stopping and changed:
         # A cancelled run ends when its last running task does, without waiting for its
         # chord: revoked messages of the chord may come back only much later.
@@ -609,7 +614,7 @@ def validate(rt: Runtime, record: dict[str, Any]) -> Outcome:
             change = repo.set_task_status(
                 s, run_id, task_id, _T.SUCCEEDED, allowed_from=[_T.VALIDATING], attempt=row.attempts
             )
-            stopping = repo.stop_reason(s, run_id) == "cancelled"
+            stopping = _cancelling(s, run_id)
         if change is None:
             return Outcome(_record(run_id, task_id, _current(rt, run_id, task_id)))
         events.publish(rt.redis, [change])
