@@ -3,7 +3,7 @@
 The live test starts real worker processes (the ``fleet`` fixture) and ``taskexec flower``
 on a free loopback port with basic auth, runs a plan, and reads ``/api/workers`` and
 ``/api/tasks``: our tasks are there, with their states, and their arguments are ids,
-never params. The other tests check the command's refusal to serve without auth and the
+never params; a task waiting for a rate-limit token shows as a retry with its reason. The other tests check the command's refusal to serve without auth and the
 task formatting, without starting Flower.
 """
 
@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 import uuid
@@ -27,11 +28,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import redis
 from click.testing import CliRunner
 
 from taskexec import Client, RunStatus, parse_plan
 from taskexec.cli import main
 from taskexec.cli.ops import flower_argv, flower_task_format, is_loopback
+from taskexec.models import RateLimit
+from taskexec.ratelimit import RateLimiter, bucket_key
 from taskexec.settings import Settings
 from tests.conftest import ROOT, Fleet, wait_for
 
@@ -125,6 +129,40 @@ PLAN = {
 }
 
 
+#: A global limit of one token a second, unique to this test run (the test Redis is shared).
+LIMIT_NAME = "flower-" + uuid.uuid4().hex[:8]
+LIMIT = RateLimit(per_minute=60, burst=1, scope="global")
+THROTTLED = {
+    "id": "flower-throttled",
+    "rate_limits": {LIMIT_NAME: LIMIT.model_dump()},
+    "tasks": [{"id": "limited", "handler": "stub", "rate_limit": LIMIT_NAME}],
+}
+
+
+@contextlib.contextmanager
+def another_consumer(broker: str) -> Iterator[None]:
+    """Another user of the global limit (another fleet on the same API key) that asks for its
+    next token every 20 ms: whenever a task of ours arrives, the next token is promised to
+    it, so the task is refused once and waits for its own turn in a throttled retry."""
+    client = redis.Redis.from_url(broker)
+    limiter = RateLimiter(client)
+    key = bucket_key(LIMIT_NAME, LIMIT, run_id="-")
+    stop = threading.Event()
+
+    def ask() -> None:
+        while not stop.wait(0.02):
+            limiter.acquire(key, LIMIT, holder="other-fleet")
+
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        asking.join(timeout=5)
+        client.close()
+
+
 def shown_args(task: dict[str, Any]) -> str:
     """The args Flower's pages show for a task of its API."""
     return str(flower_task_format(SimpleNamespace(name=task["name"], args=task["args"])).args)
@@ -170,9 +208,11 @@ def test_flower_shows_the_fleet_and_our_tasks(fleet: Fleet, tmp_path: Path) -> N
 
         settings = fleet.settings()
         assert isinstance(settings, Settings)
-        with Client(settings) as client:
+        with Client(settings) as client, another_consumer(settings.broker_url):
             result = client.submit(parse_plan(PLAN)).wait(timeout=60)
+            limited = client.submit(parse_plan(THROTTLED)).wait(timeout=60)
         assert result.status is RunStatus.SUCCEEDED, result
+        assert limited.status is RunStatus.SUCCEEDED and limited.statistics.throttled >= 1, limited
         run_id = result.run_id
 
         def ours() -> list[dict[str, Any]]:
@@ -213,6 +253,18 @@ def test_flower_shows_the_fleet_and_our_tasks(fleet: Fleet, tmp_path: Path) -> N
         assert validate["routing_key"] == "validator" and validate["worker"] == nodes["validator"]
         # Messages carry ids: no param of the plan reaches Flower, in args, kwargs or results.
         assert MARKER not in json.dumps(found)
+
+        # A wait for a token is a Celery retry that shows its reason, and spends no attempt.
+        def throttled() -> dict[str, Any] | None:
+            tasks = get_json(f"{base}/api/tasks?limit=1000&taskname=taskexec.execute").values()
+            mine = [t for t in tasks if t["uuid"].startswith(f"{limited.run_id}/limited/")]
+            return mine[0] if mine and mine[0]["state"] == "SUCCESS" else None
+
+        wait_for(lambda: throttled() is not None, timeout=30, what="the throttled task in Flower")
+        task = throttled()
+        assert task is not None and task["retries"] >= 1
+        assert f"Throttled(\"rate limit '{LIMIT_NAME}': " in task["exception"], task["exception"]
+        assert limited.tasks[0].attempts == 1
 
         # The tasks page (what the README's screenshot shows) loads its rows from
         # /tasks/datatable, where format_task applies: every row of ours reads task=/stage= run=….
