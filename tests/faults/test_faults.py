@@ -306,9 +306,13 @@ def test_a_frozen_worker_past_its_lease(world: World) -> None:
     frozen = worker_running(world, pid)
     os.killpg(frozen.pid, signal.SIGSTOP)
     try:
-        result = wait_end(client, run_id)  # taken over elsewhere after the lease ran out
+        # Taken over elsewhere after the lease ran out. The frozen worker thaws while the
+        # second attempt runs, within the task's time limit: the worker's timer is frozen
+        # too, and past the limit it would stop the thawed attempt before its final write.
+        wait_until(lambda: len(world.started()) == 2, 30, "the task to be taken over")
     finally:
         os.killpg(frozen.pid, signal.SIGCONT)
+    result = wait_end(client, run_id)
     assert result.tasks[0].attempts == 2
     wait_until(lambda: len(sql(world, "SELECT 1 FROM ledger_tries")) == 2, 30, "the frozen attempt to finish")
     time.sleep(1)  # let the thawed attempt try its final write
