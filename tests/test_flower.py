@@ -3,8 +3,9 @@
 The live test starts real worker processes (the ``fleet`` fixture) and ``taskexec flower``
 on a free loopback port with basic auth, runs a plan, and reads ``/api/workers`` and
 ``/api/tasks``: our tasks are there, with their states, and their arguments are ids,
-never params; a task waiting for a rate-limit token shows as a retry with its reason. The other tests check the command's refusal to serve without auth and the
-task formatting, without starting Flower.
+never params; a task waiting for a rate-limit token shows as a retry with its reason. The
+other tests check the command's refusal to serve without auth and the task formatting,
+without starting Flower.
 """
 
 from __future__ import annotations
