@@ -15,8 +15,8 @@ after its turn, and those of a run that ended at once (:meth:`RateLimiter.give_b
 Keys (``{scope}`` is ``run:<run id>``, ``tenant:<tenant>`` or ``global``):
 
 * ``taskexec:rl:{scope}:<limit>``: hash ``tokens`` (below zero by the tokens reserved for
-  the waiting line), ``ts`` (server seconds of the last refill), ``n:<holder>`` (tokens
-  reserved for a holder, when more than one);
+  the waiting line), ``ts`` (server seconds of the last refill), ``x`` (server seconds the
+  key lives to), ``n:<holder>`` (tokens reserved for a holder, when more than one);
 * ``taskexec:rlq:{scope}:<limit>``: sorted set of waiting holders, scored by the time
   their reserved tokens are refilled;
 * ``taskexec:slots:<run id>``: sorted set of holders of a run's concurrency slots, scored
@@ -41,7 +41,8 @@ from taskexec.models import RateLimit
 __all__ = ["Grant", "RateLimiter", "Slots", "bucket_key", "holder", "slots_key"]
 
 # The clock and the refill, shared by the bucket scripts: ``now`` from ARGV[CLOCK] ('' =
-# Redis TIME); ``tokens``, ``ts`` from KEYS[1] (a missing bucket is full), refilled to now.
+# Redis TIME); ``tokens``, ``ts`` from KEYS[1] (a missing bucket is full), refilled to now;
+# ``expiry``, the time the key's TTL was last set to reach.
 _REFILL = """
 local now
 if ARGV[CLOCK] ~= '' then
@@ -50,8 +51,8 @@ else
   local t = redis.call('TIME')
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens, ts = tonumber(state[1]), tonumber(state[2])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'x')
+local tokens, ts, expiry = tonumber(state[1]), tonumber(state[2]), tonumber(state[3])
 if tokens == nil then
   tokens, ts = burst, now
 end
@@ -122,9 +123,17 @@ else
     end
   end
 end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(ts))
--- Kept until the bucket is full again (a debt included), then a minute more.
-redis.call('EXPIRE', KEYS[1], math.ceil((burst - tokens) / rate) + 60)
+-- Kept until the bucket is full again (a debt included), then a minute more. EXPIRE is
+-- the dearest call here (Redis rewrites it for replication): it is renewed only when the
+-- key would go too soon, then with a minute to spare, so a busy bucket renews it once a
+-- minute; ``x`` notes the time the key now lives to.
+local need = now + (burst - tokens) / rate + 60
+if expiry ~= nil and expiry >= need then
+  redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(ts))
+else
+  redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(ts), 'x', tostring(need + 60))
+  redis.call('EXPIRE', KEYS[1], math.ceil(need + 60 - now))
+end
 if granted == 1 then
   return {1, '0', tostring(tokens), 0}
 end

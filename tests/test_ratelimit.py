@@ -102,6 +102,18 @@ def test_an_ended_run_gives_back_the_tokens_reserved_for_its_waiting_tasks(clien
     assert limiter.give_back(key, shared, run_id="a", now=2.0) == 0.0
 
 
+def test_a_bucket_outlives_its_debt_and_its_ttl_is_not_set_on_every_call(client: redis.Redis) -> None:
+    slow = RateLimit(per_minute=6, burst=10)  # a token every 10 s, Redis's own clock
+    limiter = RateLimiter(client)
+    key = bucket_key("api", slow, run_id="r")
+    assert limiter.acquire(key, slow, holder="a", n=10).granted
+    assert 218 <= client.ttl(key) <= 221  # full again in 100 s, a minute more, a minute to spare
+    assert not limiter.acquire(key, slow, holder="b", n=5).granted  # 150 s + a minute: covered
+    assert 218 <= client.ttl(key) <= 221  # so left alone
+    assert not limiter.acquire(key, slow, holder="c", n=5).granted  # 200 s + a minute: not covered
+    assert 318 <= client.ttl(key) <= 321
+
+
 def test_asking_for_more_than_the_burst_is_refused_clearly(client: redis.Redis) -> None:
     with pytest.raises(PlanError, match=r"at most 5 \(burst\)"):
         RateLimiter(client).acquire(bucket_key("api", LIMIT, run_id="r"), LIMIT, holder="t", n=6)
