@@ -198,6 +198,7 @@ def execute(rt: Runtime, run_id: str, task_id: str, *, detached: bool = False) -
         return Outcome(_record(run_id, task_id, state.status), again_in=left, reason="backoff")
     elif state.status not in (_T.QUEUED, _T.RETRYING):
         return Outcome(_record(run_id, task_id, state.status))  # pending or validating: not ours
+    _import_handler(rt, task)
     waited = _flow_control(rt, run_id, state.tenant, cr.manifest, task)
     if waited is not None:
         return waited
@@ -253,6 +254,18 @@ def execute_again_later(rt: Runtime, run_id: str, task_id: str) -> Outcome:
         reason=f"claimed by {state.worker}",
         throttled=True,
     )
+
+
+def _import_handler(rt: Runtime, task: ManifestTask) -> None:
+    """Import the task's handler before it asks for a token or a slot.
+
+    A token's time is then its handler's start, not the start of an import that may take
+    a second (a client library, a model): tokens granted together would otherwise reach
+    the API late and bunch up with the next ones. A failure is left to the attempt, which
+    meets it again and records it (E010, or the error the module raised).
+    """
+    with contextlib.suppress(Exception):
+        resolve(task.handler, rt.settings)
 
 
 def _flow_control(
