@@ -66,10 +66,10 @@ def assert_starts_within_limit(
     process (a first connection's catalogue, first statements): the handlers' own times
     hold the limit up to how much that work varied, measured here task by task.
     """
-    recorded = {t.id: t.started_at.timestamp() for r in results for t in r.tasks if t.started_at}
-    seen = {task: float(at) for at, task, _ in (line.split() for line in log.read_text().splitlines())}
-    recorded = {k: v for k, v in recorded.items() if k.startswith(prefix)}
-    seen = {k: v for k, v in seen.items() if k.startswith(prefix)}
+    tasks = [t for r in results for t in r.tasks if t.id.startswith(prefix)]
+    recorded = {t.id: t.started_at.timestamp() for t in tasks if t.started_at}
+    lines = (line.split() for line in log.read_text().splitlines())
+    seen = {task: float(at) for at, task, _ in lines if task.startswith(prefix)}
     assert seen.keys() == recorded.keys() and seen
     assert_within_limit(sorted(recorded.values()), per_second, burst)
     lags = [seen[k] - recorded[k] for k in recorded]

@@ -209,6 +209,30 @@ def test_handlers_must_be_allowed_and_found() -> None:
         resolve("python:tests.handlers:nope", SETTINGS)
 
 
+def test_an_entry_point_handler_is_looked_up_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.handlers import registry
+
+    def packaged(params: dict[str, Any], inputs: dict[str, Any], c: HandlerContext) -> dict[str, Any]:
+        return {"packaged": True}
+
+    class EntryPoint:
+        def load(self) -> Any:
+            return packaged
+
+    scans: list[str] = []
+
+    def entry_points(group: str, name: str) -> list[EntryPoint]:
+        scans.append(name)
+        return [EntryPoint()] if name == "packaged" else []
+
+    monkeypatch.setattr(registry, "entry_points", entry_points)
+    monkeypatch.setattr(registry, "_from_packages", {})
+    settings = Settings(allowed_handlers="packaged")
+    assert resolve("packaged", settings) is packaged
+    assert resolve("packaged", settings) is packaged
+    assert scans == ["packaged"]
+
+
 def test_outputs_must_be_json_objects_within_the_cap() -> None:
     assert check_output(None) == {}
     assert check_output({"a": (1, 2)}) == {"a": [1, 2]}

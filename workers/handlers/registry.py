@@ -125,9 +125,17 @@ def registered() -> dict[str, Handler]:
     return dict(_registry)
 
 
+#: Handlers found through entry points, by name: scanning the installed distributions
+#: takes milliseconds, and a task resolves its handler on every delivery.
+_from_packages: dict[str, Handler] = {}
+
+
 def _from_entry_points(name: str) -> Handler | None:
+    if name in _from_packages:
+        return _from_packages[name]
     for ep in entry_points(group="taskexec.handlers", name=name):
         fn: Handler = ep.load()
+        _from_packages[name] = fn
         return fn
     return None
 
