@@ -8,7 +8,9 @@ Rules (DESIGN.md, "The plan file"):
 * a matrix task becomes cases ``id[0]``, ``id[1]``, ... with the case merged over
   ``params``; a variant's params are merged over everything (the variant wins);
 * stage = 0 without dependencies, else 1 + the highest stage of the dependencies;
-* an input artifact must be the ``output`` of an upstream task.
+* an input artifact must be the ``output`` of an upstream task;
+* the manifests, as JSON, stay under :data:`~taskexec.plan.MAX_MANIFEST_BYTES`: matrices
+  and variants multiply a plan, and every worker process reads its run's manifest.
 
 Nothing is compiled when the plan has any error. The same plan always compiles to the
 same manifests, byte for byte.
@@ -27,17 +29,21 @@ from collections import deque
 from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
+
+from pydantic_core import to_json
 
 from taskexec.errors import DependencyCycleError, HandlerNotAllowedError, PlanError
 from taskexec.matrix import expand
 from taskexec.models import MatrixInfo, RetryPolicy, RunManifest
-from taskexec.plan import Plan, PlanTask, full_collections_held
+from taskexec.plan import MAX_MANIFEST_BYTES, Plan, PlanTask, full_collections_held
 from taskexec.settings import Settings
 
 __all__ = ["compile_plan"]
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_OWN_SETTING = "${} is a setting of the worker (TASKEXEC_*), never a secret a plan may read"
 _NO_DEPS: frozenset[int] = frozenset()
 
 
@@ -150,12 +156,18 @@ def _check_node(task: PlanTask, path: str, plan: Plan, settings: Settings, allow
         _check_secrets(task, path)
 
 
+def _names_a_secret(ref: object) -> bool:
+    # A worker's own settings (TASKEXEC_*) are never secrets: refused here already, so
+    # that the plan's author hears it at validate time, not from a failed task.
+    return isinstance(ref, str) and bool(_ENV_NAME.match(ref)) and not ref.startswith("TASKEXEC_")
+
+
 def _bad_secret(value: Any) -> tuple[list[str], Any] | None:
     """A malformed ``{secret: ...}`` in ``value``: its path parts, innermost first, and the value."""
     if isinstance(value, dict):
         if "secret" in value and len(value) == 1:
             ref = value["secret"]
-            return None if isinstance(ref, str) and _ENV_NAME.match(ref) else ([], ref)
+            return None if _names_a_secret(ref) else ([], ref)
         items: Any = value.items()
         fmt = ".{}"
     elif isinstance(value, list):
@@ -177,13 +189,17 @@ def _check_secrets(task: PlanTask, path: str) -> None:
     if found is not None:
         parts, ref = found
         raise PlanError(
-            f"a secret is {{secret: ENV_NAME}}, the name of a worker environment variable, not {ref!r}",
+            _OWN_SETTING.format(ref)
+            if isinstance(ref, str) and ref.startswith("TASKEXEC_")
+            else f"a secret is {{secret: ENV_NAME}}, the name of a worker environment variable, not {ref!r}",
             path=f"{path}.params" + "".join(reversed(parts)),
         )
     for k, name in enumerate(task.secret_params):
         ref = task.params.get(name, name.upper())
         if isinstance(ref, dict) and set(ref) == {"secret"}:
             continue
+        if isinstance(ref, str) and ref.startswith("TASKEXEC_"):
+            raise PlanError(_OWN_SETTING.format(ref), path=f"{path}.secret_params[{k}]")
         if not isinstance(ref, str) or not _ENV_NAME.match(ref):
             raise PlanError(
                 f"secret param {name!r} must name a worker environment variable (e.g. OPENAI_API_KEY), "
@@ -330,6 +346,79 @@ def _upstream(src: int, dst: int, deps: list[list[int]], stage: list[int]) -> bo
     return False
 
 
+#: JSON bytes of a manifest task besides its ids, params and other plan-given parts
+#: (field names, stage, timeout, retry policy, priority), and of a manifest besides its
+#: tasks: calibrated on the examples and bench/compile.py's plans (estimates 0.97-1.02).
+_TASK_BYTES = 250
+_MANIFEST_BYTES = 600
+_CHUNK = 4096
+
+
+def _own(node: _Node) -> tuple[Any, ...]:
+    """What a manifest task takes from its plan task, as is."""
+    t = node.task
+    return (t.handler, t.params, t.inputs, t.output, t.criteria, t.secret_params, node.path)
+
+
+def _manifest_bytes(
+    nodes: list[_Node],
+    leaves: list[int],
+    deps: list[list[int]],
+    cases: dict[int, list[tuple[str, dict[str, Any]]]],
+    variants: dict[str, dict[str, Any]],
+    stop: int,
+) -> tuple[int, int]:
+    """The manifests' JSON bytes, estimated from their parts (or more than ``stop``), and tasks per manifest.
+
+    Estimated before anything is built: a matrix task's cases each carry its params and
+    its dependencies' ids, so ten thousand cases downstream of ten thousand cases are a
+    hundred million ids, too many to build in order to measure them. Serializing built
+    manifests would also cost a sixth of the compile time of a 100,000-task plan.
+    """
+    # JSON bytes of each atomic node's task ids, as one dependency: `"id", ` per case.
+    id_bytes = [len(node.task.id) + 3 for node in nodes]
+    for n, listed in cases.items():
+        id_bytes[n] = sum(len(cid) + 3 for cid, _ in listed)
+    shared = _MANIFEST_BYTES  # bytes of one manifest without the variant's overlay
+    # Tasks without a matrix in chunks, each part summed at C speed (one loop in Python
+    # per task cost as much as serializing the manifests).
+    plain = [n for n in leaves if n not in cases]
+    for k in range(0, len(plain), _CHUNK):
+        chunk = plain[k : k + _CHUNK]
+        shared += len(chunk) * _TASK_BYTES + 2 * sum(len(nodes[n].task.id) for n in chunk)
+        shared += len(to_json([_own(nodes[n]) for n in chunk]))
+        shared += sum(map(id_bytes.__getitem__, chain.from_iterable(deps[n] for n in chunk)))
+        if shared > stop:
+            return shared, len(plain)
+    tasks = len(plain)
+    for n, listed in cases.items():
+        each = _TASK_BYTES + len(to_json(_own(nodes[n]))) + sum(map(id_bytes.__getitem__, deps[n]))
+        shared += len(listed) * each + sum(2 * len(cid) + len(to_json(c)) for cid, c in listed)
+        tasks += len(listed)
+        if shared > stop:
+            break
+    return sum(shared + tasks * len(to_json(overlay)) for overlay in variants.values()), tasks
+
+
+def _check_size(
+    nodes: list[_Node],
+    leaves: list[int],
+    deps: list[list[int]],
+    cases: dict[int, list[tuple[str, dict[str, Any]]]],
+    variants: dict[str, dict[str, Any]],
+) -> None:
+    """Refuse a plan whose manifests would take more than :data:`MAX_MANIFEST_BYTES` as JSON."""
+    total, tasks = _manifest_bytes(nodes, leaves, deps, cases, variants, MAX_MANIFEST_BYTES)
+    if total > MAX_MANIFEST_BYTES:
+        mib = 1024 * 1024
+        raise PlanError(
+            f"the compiled plan would take {total / mib:,.0f} MiB or more as JSON ({tasks:,} or more tasks "
+            f"per variant, {len(variants)} variant(s)), above the limit of {MAX_MANIFEST_BYTES // mib} MiB: "
+            "matrices and variants multiply a plan's tasks, params and dependencies",
+            path="tasks",
+        )
+
+
 def compile_plan(
     plan: Plan, settings: Settings | None = None, *, variant: str | None = None
 ) -> list[RunManifest]:
@@ -391,6 +480,7 @@ def _compile(plan: Plan, settings: Settings, variants: dict[str, dict[str, Any]]
             )
         )
     names = [node.task.id for node in nodes]
+    _check_size(nodes, leaves, deps, cases, variants)
     case_ids = {n: [cid for cid, _ in found] for n, found in cases.items()}
 
     def ids(n: int) -> list[str]:

@@ -275,6 +275,10 @@ class EmbeddedFleet:
                 "TASKEXEC_HANDLER_MODULES": ",".join(s.handler_modules),
                 "TASKEXEC_VISIBILITY_TIMEOUT": str(s.visibility_timeout),
                 "TASKEXEC_MAX_TASK_TIMEOUT": str(s.max_task_timeout),
+                # The operator's limits on what a plan reaches (secrets, user, network).
+                "TASKEXEC_SECRETS": ",".join(s.secrets),
+                "TASKEXEC_SHELL_USER": s.shell_user or "",
+                "TASKEXEC_HTTP_ALLOW": ",".join(s.http_allow),
                 # Inherited by everything the worker starts (pool processes, shell commands
                 # and their children) and, unlike TASKEXEC_*, kept by the shell handler: the
                 # sweep at stop finds the fleet's processes by it, even those orphaned.

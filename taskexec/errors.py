@@ -15,6 +15,7 @@
     │   └── WorkerLostError          E011  the embedded worker died during a run
     ├── TaskFailed                 E003  a handler failed for good: no retry
     │   └── ParamsError            E001  a task's params are invalid for its handler
+    │       └── DestinationNotAllowedError E001  a URL reaches an address the operator does not allow
     └── ControlSignal                    control flow, not failures
         ├── RetryableError         E003  a handler asks to be retried with backoff
         ├── TaskCancelled          E004  the run was cancelled while the task ran
@@ -36,6 +37,7 @@ __all__ = [
     "CriteriaError",
     "DatabaseUnavailableError",
     "DependencyCycleError",
+    "DestinationNotAllowedError",
     "HandlerNotAllowedError",
     "IllegalTransitionError",
     "ParamsError",
@@ -136,6 +138,10 @@ class ParamsError(TaskFailed):
     """A task's params are invalid for its handler: retrying cannot help."""
 
     code = ErrorCode.VALIDATION
+
+
+class DestinationNotAllowedError(ParamsError):
+    """A URL resolves to a loopback, private, link-local or metadata address the operator does not allow."""
 
 
 class ControlSignal(TaskexecError):

@@ -6,6 +6,8 @@ and a SQLite store under ``TASKEXEC_HOME``.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +21,10 @@ __all__ = ["DEFAULT_ALLOWED_HANDLERS", "Settings"]
 DEFAULT_ALLOWED_HANDLERS = ("shell", "http", "stub", "approval")
 
 CommaList = Annotated[list[str], NoDecode]
+
+_SECRET_ENTRY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\*?$")
+_HOST_ENTRY = re.compile(r"^(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?$")
+_USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\$?$")
 
 
 class Settings(BaseSettings):
@@ -108,12 +114,59 @@ class Settings(BaseSettings):
     beat_refresh_seconds: float = Field(
         5.0, ge=0.5, le=3600, description="How often `taskexec beat` re-reads the schedules table."
     )
+    secrets: CommaList = Field(
+        default_factory=list,
+        description="Environment variables of the worker that plans may read as secrets ({secret: NAME}, "
+        "secret_params): names, or PREFIX_* for every name that starts with PREFIX_. Unset: none. "
+        "TASKEXEC_* variables (the worker's own settings) never are, even if listed.",
+    )
+    shell_user: str | None = Field(
+        None,
+        description="User (name or uid) the shell handler runs commands as, so that they can read "
+        "neither the worker's environment (/proc) nor its files. The worker then needs CAP_SETUID, "
+        "CAP_SETGID and CAP_KILL (root with only those). Unset: the worker's own user.",
+    )
+    http_allow: CommaList = Field(
+        default_factory=list,
+        description="Destinations the http handler and webhooks may reach although they are loopback, "
+        "private, link-local, shared or cloud metadata addresses: hostnames (*.example.com for its "
+        "subdomains), addresses and CIDR ranges. Unset: public addresses only.",
+    )
 
-    @field_validator("allowed_handlers", "handler_modules", mode="before")
+    @field_validator("allowed_handlers", "handler_modules", "secrets", "http_allow", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("secrets")
+    @classmethod
+    def _secret_names(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not _SECRET_ENTRY.match(entry):
+                raise ValueError(f"{entry!r} is not a variable name or a PREFIX_* (a bare * is not allowed)")
+        return value
+
+    @field_validator("http_allow")
+    @classmethod
+    def _destinations(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                if not _HOST_ENTRY.match(entry):
+                    raise ValueError(
+                        f"{entry!r} is neither an address, a CIDR range nor a hostname (*.example.com)"
+                    ) from None
+        return value
+
+    @field_validator("shell_user")
+    @classmethod
+    def _user(cls, value: str | None) -> str | None:
+        value = value.strip() if value else None
+        if value is not None and not _USER.match(value):
+            raise ValueError(f"{value!r} is not a user name or uid")
         return value
 
     @model_validator(mode="after")

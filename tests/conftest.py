@@ -200,6 +200,10 @@ def make_fleet_env(redis_db: str, pg_url: str, home: Path) -> dict[str, str]:
             "TASKEXEC_DATABASE_URL": pg_url,
             "TASKEXEC_HOME": str(home),
             "TASKEXEC_ALLOWED_HANDLERS": "shell,http,stub,approval,python:tests",
+            # The one secret tests read, the fault suite's canary: plans read only what
+            # the operator allows. Loopback destinations (TASKEXEC_HTTP_ALLOW) stay off:
+            # a test that serves on 127.0.0.1 opts in.
+            "TASKEXEC_SECRETS": "CANARY_SECRET",
             "PYTHONPATH": str(ROOT),
         }
     )

@@ -138,6 +138,16 @@ def test_variants_overlay_params_and_make_one_manifest_each() -> None:
         ({"tasks": [stub("x", rate_limit="llm")]}, "tasks[0].rate_limit", "unknown rate limit"),
         ({"tasks": [stub("x", timeout=99999)]}, "tasks[0].timeout", "maximum"),
         ({"tasks": [stub("x", matrix={"params": {}})]}, "tasks[0].matrix", ""),
+        (
+            {"tasks": [stub("x", params={"h": {"k": {"secret": "TASKEXEC_DATABASE_URL"}}})]},
+            "tasks[0].params.h.k",
+            "$TASKEXEC_DATABASE_URL is a setting of the worker",
+        ),
+        (
+            {"tasks": [stub("x", params={"key": "TASKEXEC_WEBHOOK_SECRET"}, secret_params=["key"])]},
+            "tasks[0].secret_params[0]",
+            "never a secret a plan may read",
+        ),
     ],
 )
 def test_plan_errors_name_the_field(doc: dict[str, Any], path: str, words: str) -> None:
@@ -308,3 +318,72 @@ def test_an_injected_cycle_is_rejected_naming_a_real_cycle(doc: dict[str, Any], 
     assert cycle[0] == cycle[-1]
     for x, y in itertools.pairwise(cycle):
         assert y in deps[x], f"{x} -> {y} is not a dependency"
+
+
+# ---------------------------------------------------------------- size of the manifests
+
+
+def _exact(manifests: list[RunManifest]) -> int:
+    return sum(len(m.__pydantic_serializer__.to_json(m)) for m in manifests)
+
+
+def test_the_size_estimate_is_close_to_the_manifests_json() -> None:
+    from taskexec import compiler
+    from taskexec.compiler import _manifest_bytes  # the estimate the limit is checked on
+
+    seen: list[int] = []
+
+    def spy(*args: Any) -> tuple[int, int]:
+        found = _manifest_bytes(*args)
+        seen.append(found[0])
+        return found
+
+    doc = {
+        "variants": {"a": {"x": 1}, "b": {"y": "long" * 10}},
+        "tasks": [
+            stub("m", params={"p": "v" * 50}, validate=[{"path": "x", "op": ">=", "value": 1}],
+                 matrix={"strategy": "cartesian", "params": {"a": list(range(50)), "b": list(range(40))}}),
+            stub("n", depends_on=["m"], matrix={"strategy": "cartesian", "params": {"a": list(range(20))}}),
+            *(stub(f"t{i}", depends_on=[f"t{i - 1}"] if i else [], params={"i": i}) for i in range(2000)),
+        ],
+    }  # fmt: skip
+    original = compiler._manifest_bytes
+    compiler._manifest_bytes = spy  # type: ignore[assignment]
+    try:
+        manifests = compile_plan(parse_plan(doc), SETTINGS)
+    finally:
+        compiler._manifest_bytes = original
+    assert 0.97 < seen[0] / _exact(manifests) < 1.05
+
+
+@pytest.mark.parametrize(
+    ("doc", "words"),
+    [
+        (
+            # 10,000 cases, each depending on the 10,000 cases of `m`: 10^8 dependency ids.
+            {"tasks": [
+                stub("m", matrix={"strategy": "cartesian", "max_cases": 10_000,
+                                  "params": {"a": list(range(100)), "b": list(range(100))}}),
+                stub("n", depends_on=["m"], matrix={"strategy": "cartesian", "max_cases": 10_000,
+                                                    "params": {"a": list(range(100)), "b": [0] * 100}}),
+            ]},
+            "20,000 or more tasks per variant, 1 variant(s)",
+        ),
+        (
+            # 200 variants of 1,000 cases with 1 KiB of params each: 200 MB.
+            {"variants": {f"v{i}": {"i": i} for i in range(200)},
+             "tasks": [stub("m", params={"pad": "x" * 1024},
+                            matrix={"strategy": "cartesian", "params": {"a": list(range(1000))}})]},
+            "1,000 or more tasks per variant, 200 variant(s)",
+        ),
+    ],
+)  # fmt: skip
+def test_manifests_above_the_limit_are_refused_before_they_are_built(doc: dict[str, Any], words: str) -> None:
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(PlanError) as info:
+        compile_plan(parse_plan(doc), SETTINGS)
+    assert time.perf_counter() - started < 5, "refused from an estimate, not after building"
+    assert "above the limit of 64 MiB" in str(info.value) and words in str(info.value)
+    assert str(info.value).startswith("E001 tasks: ")

@@ -222,6 +222,28 @@ def test_runtime_stage_runs_as_a_numeric_non_root_user() -> None:
     assert uid.isdigit() and int(uid) != 0, f"USER {users[-1]}: numeric (runAsNonRoot checks it), not root"
 
 
+def image_users() -> dict[str, int]:
+    """Users the final stage creates (``useradd --uid N ... NAME``), by name."""
+    users: dict[str, int] = {}
+    args = {k: v for k, v in (a.partition("=")[::2] for i, a in stages()[-1] if i == "ARG")}
+    for ins, text in stages()[-1]:
+        if ins != "RUN":
+            continue
+        for command in text.split("&&"):
+            words = shlex.split(command)
+            if words[:1] == ["useradd"]:
+                uid = expand_shell(words[words.index("--uid") + 1], args)
+                users[words[-1]] = int(uid)
+    return users
+
+
+def test_the_image_has_a_user_for_shell_steps_apart_from_the_worker() -> None:
+    users = image_users()
+    worker = int(next(a for i, a in reversed(stages()[-1]) if i == "USER").split(":")[0])
+    assert users["taskexec"] == worker
+    assert "taskexec-job" in users and users["taskexec-job"] not in (0, worker)
+
+
 def test_entry_point_is_the_taskexec_console_script() -> None:
     assert entrypoint() == ["taskexec"]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
@@ -712,6 +734,36 @@ def test_worker_deployments() -> None:
         assert grace > settings.max_task_timeout + HARD_LIMIT_GRACE, (role, grace)
         security = pod_spec(doc)["securityContext"]
         assert security["runAsNonRoot"] is True and security["runAsUser"] == uid
+        own = container(doc)["securityContext"]
+        assert own["allowPrivilegeEscalation"] is False and own["capabilities"]["drop"] == ["ALL"]
+        if role == "validator":
+            assert "runAsUser" not in own and "add" not in own["capabilities"]
+
+
+#: What running shell steps as another user takes, and nothing more.
+SWITCH_USER = {"SETUID", "SETGID", "KILL"}
+
+
+def test_executors_run_shell_steps_as_another_user_with_only_the_capabilities_it_takes() -> None:
+    users = image_users()
+    # Kubernetes: the worker container is root with three capabilities; its steps run as taskexec-job.
+    doc = of_kind("Deployment")["taskexec-executor"]
+    own = container(doc)["securityContext"]
+    assert own["runAsUser"] == 0 and own["runAsNonRoot"] is False
+    assert set(own["capabilities"]["add"]) == SWITCH_USER and own["capabilities"]["drop"] == ["ALL"]
+    assert own["allowPrivilegeEscalation"] is False and own["readOnlyRootFilesystem"] is True
+    shell_user = settings_of(container_env(doc)).shell_user
+    assert shell_user in users and users[shell_user] != 0
+    mounts = {m["mountPath"] for m in container(doc)["volumeMounts"]}
+    assert "/home/taskexec-job" in mounts and "/tmp" in mounts  # its home and cwd, writable
+    # Compose: the same.
+    service = services()["executor"]
+    assert str(service["user"]).split(":")[0] == "0"
+    assert service["cap_drop"] == ["ALL"] and set(service["cap_add"]) == SWITCH_USER
+    assert "no-new-privileges:true" in service["security_opt"]
+    assert settings_of(environment(service)).shell_user == shell_user
+    # Validators run no shell step: they stay unprivileged.
+    assert "user" not in services()["validator"] and "cap_add" not in services()["validator"]
 
 
 def test_keda_scales_executors_on_every_priority_list_of_the_executor_queue() -> None:

@@ -33,6 +33,7 @@ from taskexec.embedded import (
     marked_processes,
 )
 from taskexec.errors import WorkerLostError
+from taskexec.settings import Settings
 from tests.conftest import ROOT, wait_for
 
 TASKEXEC = [sys.executable, "-m", "taskexec.cli"]
@@ -329,6 +330,16 @@ def test_the_fleet_in_process_with_a_home_too_long_for_a_socket(tmp_path: Path) 
     assert marked_processes(fleet.marker) == []
     assert not fleet.socket.parent.exists()  # the directory made for the socket is gone too
     assert {"redis", "store", "startup", "shutdown"} <= set(fleet.timings)
+
+
+def test_the_workers_get_the_operator_limits_on_what_a_plan_reaches(tmp_path: Path) -> None:
+    base = Settings(secrets="OPENAI_*,SCORER_KEY", shell_user="nobody", http_allow="127.0.0.1,*.svc")
+    env = EmbeddedFleet(tmp_path, base=base).env()
+    assert env["TASKEXEC_SECRETS"] == "OPENAI_*,SCORER_KEY"
+    assert env["TASKEXEC_SHELL_USER"] == "nobody"
+    assert env["TASKEXEC_HTTP_ALLOW"] == "127.0.0.1,*.svc"
+    unset = EmbeddedFleet(tmp_path).env()
+    assert Settings(**{k[9:].lower(): v for k, v in unset.items() if k.startswith("TASKEXEC_")}).secrets == []
 
 
 # ------------------------------------------------------------------- examples

@@ -19,6 +19,7 @@ from taskexec import Client, RunStatus, parse_plan
 from taskexec.settings import Settings
 from taskexec.store.tables import ExecutionLog
 from tests.conftest import Fleet, make_fleet_env, wait_for
+from workers.netguard import Allowance
 from workers.notify import Attempt, backoff, post, sign, where
 
 pytestmark = [pytest.mark.integration]
@@ -109,6 +110,8 @@ def fleet(redis_db: str, pg_url: str, tmp_path_factory: pytest.TempPathFactory) 
         "TASKEXEC_WEBHOOK_SECRET": SECRET,
         "TASKEXEC_WEBHOOK_BACKOFF": "0.2",
         "TASKEXEC_WEBHOOK_TIMEOUT": "40",
+        # The receiver listens on loopback, which webhooks may reach only when allowed.
+        "TASKEXEC_HTTP_ALLOW": "127.0.0.1",
     }
     f = Fleet(env, tmp)
     try:
@@ -251,7 +254,8 @@ def test_task_failed_events_and_a_4xx_is_not_retried(
 
 def test_a_post_is_judged_by_its_status(receiver: Receiver) -> None:
     receiver.answers.update({"/ok": [204], "/busy": [429], "/down": [503], "/nope": [401], "/moved": [301]})
-    judged = {p: post(receiver.url(p), b"{}", {}, timeout=5).verdict for p in receiver.answers}
+    loopback = Allowance.parse(["127.0.0.1"])
+    judged = {p: post(receiver.url(p), b"{}", {}, 5, loopback).verdict for p in receiver.answers}
     assert judged == {
         "/ok": "delivered",
         "/busy": "retry",
@@ -259,8 +263,21 @@ def test_a_post_is_judged_by_its_status(receiver: Receiver) -> None:
         "/nope": "give_up",
         "/moved": "give_up",
     }
-    refused = post("http://127.0.0.1:1/x", b"{}", {}, timeout=2)
+    refused = post("http://127.0.0.1:1/x", b"{}", {}, 2, loopback)
     assert isinstance(refused, Attempt) and refused.verdict == "retry"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["/hook", "http://localhost:{port}/hook", "http://169.254.169.254/latest/meta-data/", "http://[::1]:9/"],
+)
+def test_a_webhook_to_an_address_not_allowed_gives_up_and_sends_nothing(receiver: Receiver, url: str) -> None:
+    port = receiver.server.server_address[1]
+    target = receiver.url(url) if url.startswith("/") else url.format(port=port)
+    attempt = post(target, b"{}", {}, 2)  # no allowance: public addresses only
+    assert attempt.verdict == "give_up", attempt
+    assert "refused to connect" in attempt.detail and "TASKEXEC_HTTP_ALLOW" in attempt.detail
+    assert receiver.at("/hook") == []
 
 
 def test_signature_backoff_and_logged_urls() -> None:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from taskexec.errors import PlanError
-from taskexec.plan import MAX_PLAN_BYTES, load_plan, parse_plan
+from taskexec.plan import MAX_ALIAS_EXPANSION, MAX_PLAN_BYTES, MAX_PLAN_DEPTH, load_plan, parse_plan
 
 
 def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
@@ -218,3 +222,95 @@ def test_ten_thousand_random_and_mutated_inputs_only_raise_plan_errors() -> None
             assert "\n" not in str(e) and str(e).startswith("E001")
             outcomes["error"] += 1
     assert outcomes["plan"] > 0 and outcomes["error"] > 5_000
+
+
+# ---------------------------------------------------------------- hostile structure
+
+
+def billion_laughs(levels: int = 9) -> str:
+    """A plan whose params hold nested YAML aliases: 445 bytes standing for 9^9 strings."""
+    lines = ["tasks:", "  - id: lol", "    handler: stub", "    params:"]
+    lines.append('      a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]')
+    for prev, name in itertools.pairwise("abcdefghi"[:levels]):
+        lines.append(f"      {name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_at_once_without_growing(tmp_path: Path) -> None:
+    bomb = write(tmp_path, "bomb.yaml", billion_laughs())
+    assert bomb.stat().st_size < 450
+    started = time.perf_counter()
+    with pytest.raises(PlanError) as info:
+        load_plan(bomb)
+    spent = time.perf_counter() - started
+    assert str(info.value) == (
+        f"E001 {bomb}: YAML aliases expand the plan by more than 10 MiB "
+        "(the limit; nested aliases, a 'billion laughs', are refused)"
+    )
+    tracemalloc.start()  # what parsing allocates (load_plan's read buffer is MAX_PLAN_BYTES)
+    try:
+        with pytest.raises(PlanError):
+            parse_plan(bomb.read_text())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert spent < 0.1 and peak < 1024 * 1024, (spent, peak)
+    assert MAX_ALIAS_EXPANSION == MAX_PLAN_BYTES
+
+
+def test_aliases_within_the_limit_load_as_shared_values() -> None:
+    # What yaml.dump writes for a generated plan whose tasks share one retry policy.
+    retry = {"max_attempts": 3, "backoff": 0.5}
+    doc = {"tasks": [{"id": f"t{i}", "handler": "stub", "retry": retry} for i in range(2000)]}
+    text = yaml.dump(doc)
+    assert text.count("*id001") == 1999
+    plan = parse_plan(text)
+    assert len(plan.tasks) == 2000 and plan.tasks[-1].retry is not None
+    assert parse_plan(billion_laughs(levels=5)).tasks[0].params["e"][0][0][0][0] == ["lol"] * 9
+
+
+def test_a_recursive_alias_is_refused() -> None:
+    with pytest.raises(PlanError, match=r"the alias \*a is inside its own anchor"):
+        parse_plan("tasks:\n  - id: x\n    handler: stub\n    params: &a {self: *a}\n")
+
+
+def nested(depth: int, as_json: bool) -> str:
+    """A plan whose lists and mappings nest ``depth`` levels deep in all (3 above the params)."""
+    inner = "[" * (depth - 4) + "]" * (depth - 4)
+    if as_json:
+        return '{"tasks": [{"id": "x", "handler": "stub", "params": {"p": ' + inner + "}}]}"
+    return "tasks:\n  - id: x\n    handler: stub\n    params:\n      p: " + inner + "\n"
+
+
+@pytest.mark.parametrize("as_json", [True, False], ids=["json", "yaml"])
+def test_nesting_is_bounded_with_a_clear_error(as_json: bool) -> None:
+    assert parse_plan(nested(MAX_PLAN_DEPTH, as_json)).tasks[0].id == "x"
+    for depth in (MAX_PLAN_DEPTH + 1, 500, 1000, 100_000):
+        started = time.perf_counter()
+        with pytest.raises(PlanError) as info:
+            parse_plan(nested(depth, as_json), origin="deep.plan")
+        assert str(info.value) == (
+            "E001 deep.plan: the plan nests lists and mappings more than 100 levels deep (the limit)"
+        )
+        assert time.perf_counter() - started < 0.5
+
+
+def test_brackets_inside_json_strings_do_not_count_as_nesting() -> None:
+    text = json.dumps(
+        {"tasks": [{"id": "x", "handler": "stub", "params": {"s": "[" * 500, "t": '\\"{' * 300}}]}
+    )
+    assert parse_plan(text).tasks[0].params["s"] == "[" * 500
+
+
+def test_deep_json_and_alias_bombs_through_the_cli(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from taskexec.cli import main
+
+    runner = CliRunner()
+    deep = write(tmp_path, "deep.json", "[" * 1000 + "]" * 1000)
+    bomb = write(tmp_path, "bomb.yaml", billion_laughs())
+    for path, words in ((deep, "100 levels deep"), (bomb, "billion laughs")):
+        result = runner.invoke(main, ["validate", str(path)])
+        assert result.exit_code == 2, result.output
+        assert words in result.output and "Traceback" not in result.output

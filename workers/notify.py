@@ -19,7 +19,9 @@ Every POST carries:
 
 2xx is delivered; 5xx, 429, timeouts and connection errors are retried with exponential
 backoff up to ``webhook_attempts`` POSTs; any other status (4xx, a redirect) gives up at
-once. Every attempt's outcome is a row of ``execution_logs`` (event ``notify``).
+once. A URL whose address the operator does not allow (loopback, private, link-local,
+metadata: :mod:`workers.netguard`, ``TASKEXEC_HTTP_ALLOW``) gives up at once, nothing sent.
+Every attempt's outcome is a row of ``execution_logs`` (event ``notify``).
 """
 
 from __future__ import annotations
@@ -43,11 +45,17 @@ from celery import Task
 from sqlalchemy.exc import SQLAlchemyError
 
 from taskexec.celery_app import CONTROL, app
-from taskexec.errors import DatabaseUnavailableError, RunNotFoundError, TaskexecError
+from taskexec.errors import (
+    DatabaseUnavailableError,
+    DestinationNotAllowedError,
+    RunNotFoundError,
+    TaskexecError,
+)
 from taskexec.models import Notify
 from taskexec.store import Store, results
 from taskexec.store import repository as repo
 from taskexec.store.tables import utcnow
+from workers.netguard import Allowance, opener
 from workers.tasks import runtime
 
 __all__ = ["Attempt", "build_notices", "backoff", "notify", "post", "sign", "webhook"]
@@ -142,22 +150,23 @@ class Attempt:
     status: int | None = None
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # urllib would follow a 301/302 of a POST as a GET without the body: a webhook that
-    # moved is misconfigured, and its receiver should say so with the status code.
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
+def post(
+    url: str, body: bytes, headers: dict[str, str], timeout: float, allowance: Allowance | None = None
+) -> Attempt:
+    """POST ``body`` to ``url`` once and judge the outcome.
 
-
-_opener = urllib.request.build_opener(_NoRedirect)
-
-
-def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> Attempt:
-    """POST ``body`` to ``url`` once and judge the outcome."""
+    ``allowance``: the destinations the operator allows beyond public addresses
+    (``TASKEXEC_HTTP_ALLOW``); default none.
+    """
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    # No redirects: urllib would follow a 301/302 of a POST as a GET without the body; a
+    # webhook that moved is misconfigured, and its receiver should say so with the status.
+    director = opener(allowance or Allowance(), redirects=False)
     try:
-        with _opener.open(request, timeout=timeout) as response:
+        with director.open(request, timeout=timeout) as response:
             code = int(response.status)
+    except DestinationNotAllowedError as e:
+        return Attempt("give_up", e.message)
     except urllib.error.HTTPError as e:
         code = int(e.code)
         e.close()
@@ -244,7 +253,7 @@ def webhook(
     }
     if settings.webhook_secret is not None:
         headers["X-Taskexec-Signature"] = sign(data, settings.webhook_secret.get_secret_value())
-    result = post(url, data, headers, settings.webhook_timeout)
+    result = post(url, data, headers, settings.webhook_timeout, Allowance.parse(settings.http_allow))
     what = f"webhook {event} to {where(url)}"
     if result.verdict == "retry" and attempt < settings.webhook_attempts:
         delay = backoff(attempt, settings.webhook_backoff)

@@ -6,6 +6,11 @@ The request carries an ``Idempotency-Key`` header (run/task/attempt) unless one 
 
 Output: ``{"status_code", "headers", "json"}`` when the response is JSON, else
 ``{"status_code", "headers", "text"}`` (the body cut at 1 MiB).
+
+Requests reach public addresses only, unless the operator allows more
+(``TASKEXEC_HTTP_ALLOW``): every connection, redirects included, is checked when it is
+made (:mod:`workers.netguard`). A refused destination fails the task at once (E001) and
+nothing is sent.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from taskexec.errors import ParamsError, RetryableError, TaskFailed
+from taskexec.errors import DestinationNotAllowedError, ParamsError, RetryableError, TaskFailed
 from workers.handlers.registry import HandlerContext, handler
+from workers.netguard import Allowance, opener
 
 __all__ = ["HttpParams", "http"]
 
@@ -65,9 +71,12 @@ def http(params: dict[str, Any], inputs: dict[str, Any], ctx: HandlerContext) ->
     method = p.method or ("POST" if data is not None else "GET")
     req = urllib.request.Request(p.url, data=data, headers=headers, method=method)
     timeout = min(p.timeout or ctx.timeout, ctx.timeout)
+    guarded = opener(Allowance.parse(ctx.settings.http_allow))
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with guarded.open(req, timeout=timeout) as resp:
             return _output(resp.status, dict(resp.headers), resp.read(MAX_BODY + 1))
+    except DestinationNotAllowedError as e:
+        raise DestinationNotAllowedError(f"{method} {p.url}: {e.message}") from None
     except urllib.error.HTTPError as e:
         body = e.read(2000).decode("utf-8", "replace").strip()
         message = f"{method} {p.url}: HTTP {e.code} {body[:300]}".strip()

@@ -41,6 +41,7 @@ __all__ = [
     "load_modules",
     "registered",
     "resolve",
+    "worker_settings",
 ]
 
 #: Built-in handler name -> module that registers it (imported on first use).
@@ -59,6 +60,19 @@ def _never() -> bool:
     return False
 
 
+def worker_settings() -> Settings:
+    """The settings of the worker this process runs for: its Celery app's.
+
+    Those are the settings :func:`workers.tasks.runtime` runs with (built from the
+    environment on first use), so a handler applies the operator's limits (shell user,
+    allowed destinations, allowed secrets) whoever built its context.
+    """
+    from taskexec.celery_app import app
+
+    settings: Settings = app.conf.taskexec_settings
+    return settings
+
+
 @dataclass
 class HandlerContext:
     """What a handler knows about the attempt it runs.
@@ -72,6 +86,8 @@ class HandlerContext:
         logger: A logger named after the handler.
         is_cancelled: Returns true once the run was cancelled: long handlers poll it.
         metrics: Numbers the handler reports (``tokens``, ``cost``...): stored per attempt.
+        settings: The worker's settings: the operator's limits the built-in handlers apply
+            (``TASKEXEC_SHELL_USER``, ``TASKEXEC_HTTP_ALLOW``). Default: :func:`worker_settings`.
     """
 
     run_id: str
@@ -82,6 +98,7 @@ class HandlerContext:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("taskexec.task"))
     is_cancelled: Callable[[], bool] = _never
     metrics: dict[str, float] = field(default_factory=dict)
+    settings: Settings = field(default_factory=worker_settings, repr=False)
 
     @property
     def idempotency_key(self) -> str:

@@ -1,11 +1,23 @@
 """The ``shell`` handler: run a command, its inputs as a JSON object on stdin.
 
-Params: ``argv`` (a list, no shell involved), ``env`` (added to the worker's environment
-without its ``TASKEXEC_*`` variables, which may hold credentials), ``cwd``, ``timeout``
-(seconds, at most the task's), ``parse_json`` (stdout is a JSON value: add it to the output
-as ``json``). The command also gets ``TASKEXEC_RUN_ID``, ``TASKEXEC_TASK_ID``,
-``TASKEXEC_ATTEMPT``, ``TASKEXEC_IDEMPOTENCY_KEY`` and ``TASKEXEC_PARAMS``: the task's other
-params as a JSON object (a matrix case's values, a variant's overlay).
+Params: ``argv`` (a list, no shell involved), ``env`` (variables for the command; a
+secret as ``{secret: NAME}``), ``cwd``, ``timeout`` (seconds, at most the task's),
+``parse_json`` (stdout is a JSON value: add it to the output as ``json``).
+
+The command's environment is built, not inherited: the worker's holds its credentials
+(database URL, broker password, webhook key) and whatever else its host put there (another
+team's API key). It gets ``PATH``, ``HOME``, ``LANG``, ``LC_ALL``, ``LC_CTYPE``, ``TZ`` and
+``TMPDIR`` when the worker has them, ``TASKEXEC_RUN_ID``, ``TASKEXEC_TASK_ID``,
+``TASKEXEC_ATTEMPT``, ``TASKEXEC_IDEMPOTENCY_KEY``, ``TASKEXEC_PARAMS`` (the task's other
+params as a JSON object: a matrix case's values, a variant's overlay, resolved secret
+params), then its ``env`` param. Nothing else.
+
+A clean environment does not stop a command from reading its parent's:
+``/proc/$PPID/environ`` is readable by the same user. With ``TASKEXEC_SHELL_USER`` the
+command runs as that user (its own group, no supplementary groups, ``HOME`` its home, in
+``/tmp`` unless ``cwd`` says otherwise), so the kernel refuses it the worker's ``/proc``
+entries and files. The worker then needs ``CAP_SETUID``/``CAP_SETGID`` to switch and
+``CAP_KILL`` to stop the command: ``deploy/`` runs executors as root with only those.
 
 Output: ``{"exit_code", "stdout", "stderr"}`` (each stream cut at 1 MiB). A non-zero exit
 is an execution error (E003), retried while attempts remain. The command runs in its own
@@ -17,21 +29,33 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import os
+import pwd
 import signal
 import subprocess
+import tempfile
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from taskexec.errors import ParamsError, RetryableError, TaskCancelled, TaskFailed
+from taskexec.settings import Settings
 from workers.handlers.registry import HandlerContext, handler
 
-__all__ = ["ShellParams", "shell"]
+__all__ = ["INHERITED", "ShellParams", "command_env", "shell"]
 
 MAX_STREAM = 1024 * 1024
 _PR_SET_PDEATHSIG = 1
+#: The worker's variables a command gets (when set): where programs are, locale, time zone.
+#: ``_TASKEXEC_EMBEDDED_FLEET`` marks the processes of an embedded fleet, so that its stop
+#: finds a command orphaned by a killed pool process (:mod:`taskexec.embedded`); it holds a
+#: socket path, nothing secret.
+INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "_TASKEXEC_EMBEDDED_FLEET")
+#: PATH of a command when the worker has none.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class ShellParams(BaseModel):
@@ -57,6 +81,45 @@ def _die_with_worker() -> None:  # pragma: no cover - runs in the child between 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+@dataclass(frozen=True)
+class _RunAs:
+    """The user a command runs as (``TASKEXEC_SHELL_USER``)."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+
+def _run_as(settings: Settings) -> _RunAs | None:
+    who = settings.shell_user
+    if who is None:
+        return None
+    try:
+        entry = pwd.getpwuid(int(who)) if who.isdigit() else pwd.getpwnam(who)
+    except (KeyError, ValueError):
+        raise TaskFailed(f"TASKEXEC_SHELL_USER {who!r} is not a user on this worker") from None
+    return _RunAs(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
+
+
+def command_env(
+    worker: dict[str, str] | os._Environ[str], task: dict[str, str], own: dict[str, str], home: str | None
+) -> dict[str, str]:
+    """A command's whole environment: :data:`INHERITED` from ``worker``, ``task``'s, its ``own``.
+
+    >>> command_env({"PATH": "/bin", "DB_PASSWORD": "x"}, {"TASKEXEC_ATTEMPT": "1"}, {"A": "b"}, None)
+    {'PATH': '/bin', 'TASKEXEC_ATTEMPT': '1', 'A': 'b'}
+    """
+    env = {k: worker[k] for k in INHERITED if k in worker}
+    env.setdefault("PATH", DEFAULT_PATH)
+    if home is not None:  # another user: its home, a temp dir it may write to
+        env["HOME"] = home
+        env["TMPDIR"] = tempfile.gettempdir()
+    env.update(task)
+    env.update(own)
+    return env
+
+
 def _text(data: bytes) -> str:
     if len(data) > MAX_STREAM:
         return data[:MAX_STREAM].decode("utf-8", "replace") + f"\n[... {len(data) - MAX_STREAM} bytes cut]"
@@ -78,26 +141,41 @@ def shell(params: dict[str, Any], inputs: dict[str, Any], ctx: HandlerContext) -
     except ValidationError as e:
         err = e.errors()[0]
         raise ParamsError(f"shell param {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKEXEC_")}
-    env.update(
-        TASKEXEC_RUN_ID=ctx.run_id,
-        TASKEXEC_TASK_ID=ctx.task_id,
-        TASKEXEC_ATTEMPT=str(ctx.attempt),
-        TASKEXEC_IDEMPOTENCY_KEY=ctx.idempotency_key,
-        TASKEXEC_PARAMS=json.dumps({k: v for k, v in params.items() if k not in _OWN}),
-    )
-    env.update(p.env)
+    user = _run_as(ctx.settings)
+    task = {
+        "TASKEXEC_RUN_ID": ctx.run_id,
+        "TASKEXEC_TASK_ID": ctx.task_id,
+        "TASKEXEC_ATTEMPT": str(ctx.attempt),
+        "TASKEXEC_IDEMPOTENCY_KEY": ctx.idempotency_key,
+        "TASKEXEC_PARAMS": json.dumps({k: v for k, v in params.items() if k not in _OWN}),
+    }
+    env = command_env(os.environ, task, p.env, user.home if user else None)
+    switch: dict[str, Any] = {}
+    if user is not None:
+        switch = {"user": user.uid, "group": user.gid, "extra_groups": []}
+    cwd = p.cwd if p.cwd or user is None else tempfile.gettempdir()
     try:
         proc = subprocess.Popen(
             p.argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            cwd=p.cwd,
+            cwd=cwd,
             env=env,
             start_new_session=True,
+            # Called after the switch of user: a parent-death signal set before it is reset.
             preexec_fn=_die_with_worker,  # noqa: PLW1509 - only prctl, async-signal-safe
+            **switch,
         )
+    except PermissionError as e:
+        # Refused before exec (Python 3.11 then names the cwd, or nothing), with EPERM: the
+        # switch of user (chdir and exec refuse with EACCES).
+        if user is not None and e.errno == errno.EPERM and e.filename in (None, cwd):
+            raise TaskFailed(
+                f"this worker cannot run commands as {user.name!r} (TASKEXEC_SHELL_USER): {e.strerror}; "
+                "it needs CAP_SETUID and CAP_SETGID"
+            ) from None
+        raise ParamsError(f"cannot start {p.argv[0]!r}: {e.strerror or e}") from None
     except OSError as e:
         raise ParamsError(f"cannot start {p.argv[0]!r}: {e.strerror or e}") from None
     stdin: bytes | None = json.dumps(inputs).encode()
