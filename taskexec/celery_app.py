@@ -137,8 +137,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "broker_transport_options": transport,
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
-        # Results (chord parts) outlive the longest run a plan may have.
-        "result_expires": 7 * 24 * 3600,
+        # No task result is kept: the store holds every outcome, and nothing reads Celery's.
+        # A chord still counts its parts in the result backend (on_chord_part_return runs
+        # whatever ignore_result says) and deletes its keys when its body is sent; the keys
+        # of a chord that never completes (a part lost to a fault) expire after a day.
+        "task_ignore_result": True,
+        "result_expires": 24 * 3600,
         "task_default_queue": CONTROL,
         "task_queues": [Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
         "task_routes": {name: {"queue": q, "routing_key": q} for name, q in TASK_NAMES.items()},

@@ -8,11 +8,21 @@ params or outputs.
 Every step is idempotent. The right to dispatch a stage is taken by a conditional UPDATE
 of the run's stage cursor, so a chord body that runs twice dispatches once; a run ends by
 a conditional UPDATE of its status, so it ends once.
+
+Publication is an outbox. The transaction that queues tasks marks their rows with a token
+(``executions.outbox``); the token is cleared once the broker took the messages. A
+dispatcher that dies or loses the broker between the two leaves the token, and the
+reconciler sends those tasks after ``TASKEXEC_RESEND_GRACE``: an extra copy is harmless,
+the claim in the store lets one run. A broker failure here is never the run's failure:
+the run stays ``running`` and the failure is recorded on it as an incident.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -24,9 +34,9 @@ from celery.canvas import Signature
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from taskexec import events
+from taskexec import events, faultpoints
 from taskexec.celery_app import CONTROL, EXECUTOR, VALIDATOR
-from taskexec.errors import BrokerUnavailableError
+from taskexec.errors import DatabaseUnavailableError
 from taskexec.models import ErrorCode, ManifestTask, RunManifest, RunStatistics, RunStatus, TaskStatus
 from taskexec.ratelimit import RateLimiter, bucket_key
 from taskexec.settings import Settings
@@ -36,12 +46,16 @@ from taskexec.store.tables import Run, utcnow
 
 __all__ = [
     "CompiledRun",
+    "abandon",
+    "IDENTITY_KEY",
     "compiled_run",
     "dispatch",
     "finalize",
     "broker_instance",
     "execute_signature",
     "release",
+    "republish",
+    "resend",
     "send_release",
     "stage_settled",
     "message_id",
@@ -52,8 +66,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Seconds a hard time limit gives a task beyond its soft limit to clean up.
+#: Seconds a handler may run past its time limit before its process is ended.
 HARD_LIMIT_GRACE = 10.0
+
+#: The broker's identity: a token taskexec keeps in the broker's own Redis. A Redis that
+#: restarted with its data (AOF, RDB) still has it; one that lost its data does not, and
+#: the reconciler then sends again what the runs had in flight.
+IDENTITY_KEY = "taskexec:broker:identity"
 
 
 @dataclass(frozen=True)
@@ -105,17 +124,17 @@ def execute_signature(
     countdown: float | None = None,
     eta: datetime | None = None,
 ) -> Signature:
-    """The ``execute`` (``| validate`` when the task has criteria) of one task, with its time
-    limits, its priority and an ``argsrepr`` of ids (never params: they may hold secrets).
+    """The ``execute`` (``| validate`` when the task has criteria) of one task, with its
+    priority and an ``argsrepr`` of ids (never params: they may hold secrets).
 
     Every message that executes a task is built here: a stage's chord, a re-execution after
-    failed criteria, a detached delivery of the reconciler.
+    failed criteria, a detached delivery of the reconciler. No Celery time limit: the
+    worker counts the task's ``timeout`` around its handler alone (``workers.timelimit``),
+    so time spent waiting for the store is never charged to it.
     """
     where = f"run={run_id} task={task.id} stage={task.stage}" + (" detached" if detached else "")
     opts: dict[str, Any] = {
         "queue": EXECUTOR,
-        "soft_time_limit": task.timeout,
-        "time_limit": task.timeout + HARD_LIMIT_GRACE,
         # Redis priority steps: 0 is consumed first; a plan's 9 is its highest priority.
         "priority": 9 - task.priority,
         "argsrepr": where,
@@ -131,15 +150,18 @@ def execute_signature(
         "taskexec.execute", args=(run_id, task.id), kwargs=kwargs, options=opts, immutable=True
     )
     if task.validate_:
-        check = {"queue": VALIDATOR, "priority": 9 - task.priority, "argsrepr": where}
+        check: dict[str, Any] = {"queue": VALIDATOR, "priority": 9 - task.priority, "argsrepr": where}
+        if task_id is not None:
+            check["task_id"] = f"{task_id}/v"
         sig = sig | app.signature("taskexec.validate", options=check)
     return sig
 
 
 def _signature(
-    app: Celery, run_id: str, task: ManifestTask, epoch: int, eta: datetime | None = None
+    app: Celery, run_id: str, task: ManifestTask, epoch: int, eta: datetime | None = None, suffix: str = ""
 ) -> Signature:
-    return execute_signature(app, run_id, task, task_id=message_id(run_id, task.id, epoch), eta=eta)
+    msg_id = message_id(run_id, task.id, epoch) + (f".{suffix}" if suffix else "")
+    return execute_signature(app, run_id, task, task_id=msg_id, eta=eta)
 
 
 def send_dispatch(app: Celery, run_id: str, stage: int) -> None:
@@ -181,19 +203,19 @@ _BLOCKING = frozenset(s for s in TaskStatus if s.terminal and s is not TaskStatu
 def _sort_out(
     tasks: Sequence[ManifestTask], statuses: dict[str, TaskStatus]
 ) -> tuple[list[ManifestTask], dict[str, list[str]]]:
-    """Which waiting tasks can run now, and which are skipped (by reason); the rest are held.
+    """Which pending tasks can run now, and which are skipped (by reason); the rest are held.
 
     A task runs when every dependency succeeded, is skipped when one ended without success,
     and is held (left pending) while one has not ended: an approval gate it waits for, or
-    a task held itself. Queued tasks are re-dispatched as they are (``resume``).
+    a task held itself.
     """
     runnable: list[ManifestTask] = []
     skipped: dict[str, list[str]] = {}
     for t in tasks:
-        if statuses[t.id] not in (TaskStatus.PENDING, TaskStatus.QUEUED):
+        if statuses[t.id] is not TaskStatus.PENDING:
             continue
         bad = next((d for d in t.depends_on if statuses[d] in _BLOCKING), None)
-        if bad is not None and statuses[t.id] is TaskStatus.PENDING:
+        if bad is not None:
             skipped.setdefault(f"upstream task {bad!r} ended {statuses[bad].value}", []).append(t.id)
         elif all(statuses[d] is TaskStatus.SUCCEEDED for d in t.depends_on):
             runnable.append(t)
@@ -228,12 +250,84 @@ def _stop_everything(session: Session, run: Run, manifest: RunManifest) -> list[
     )
 
 
-def _queue(session: Session, run_id: str, tasks: list[ManifestTask], why: str) -> list[repo.Change]:
+@dataclass
+class _Publication:
+    """Tasks queued by one committed transaction, to be sent after it: one outbox token."""
+
+    tasks: list[ManifestTask]
+    epoch: int
+    token: str
+    pace: dict[str, datetime] = field(default_factory=dict)
+    #: Added to the message ids of copies sent again in the same epoch (the reconciler's).
+    suffix: str = ""
+
+
+def outbox_key(token: str) -> str:
+    """The Redis key a live publisher keeps while it sends the messages of ``token``."""
+    return f"taskexec:outbox:{token}"
+
+
+class _Sending(threading.Thread):
+    """Says "still publishing" (a short-lived Redis key) while a large chord goes out.
+
+    A chord of 20,000 tasks takes seconds to publish; without this the reconciler would
+    take its rows, still in the outbox, for a dispatcher that died, and send them again.
+    """
+
+    def __init__(self, client: redis.Redis | None, token: str, ttl: float) -> None:
+        super().__init__(name=f"outbox {token}", daemon=True)
+        self.client, self.key, self.ttl = client, outbox_key(token), ttl
+        self.done = threading.Event()
+
+    def beat(self) -> None:
+        if self.client is not None:
+            with contextlib.suppress(redis.RedisError):
+                self.client.set(self.key, "1", px=max(1, int(self.ttl * 1000)))
+
+    def run(self) -> None:
+        while not self.done.wait(self.ttl / 3):
+            self.beat()
+
+    def __enter__(self) -> _Sending:
+        self.beat()
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.done.set()
+        if self.client is not None:
+            with contextlib.suppress(redis.RedisError):
+                self.client.delete(self.key)
+
+
+def _queue(
+    session: Session,
+    run_id: str,
+    tasks: list[ManifestTask],
+    epoch: int,
+    why: str,
+    pace: dict[str, datetime] | None = None,
+) -> tuple[list[repo.Change], _Publication]:
+    """Queue pending tasks into the outbox; what changed, and what to publish after commit.
+
+    Only the tasks this call moved are published: a release running at the same time
+    publishes the rest. A paced task's ETA is its due time in the store.
+    """
+    token = uuid.uuid4().hex
     changes = repo.set_tasks_status(
-        session, run_id, [t.id for t in tasks], TaskStatus.QUEUED, allowed_from=[TaskStatus.PENDING]
+        session,
+        run_id,
+        [t.id for t in tasks],
+        TaskStatus.QUEUED,
+        allowed_from=[TaskStatus.PENDING],
+        outbox=token,
     )
-    started = repo.set_run_status(session, run_id, RunStatus.RUNNING, message=why)
-    return changes + ([started] if started else [])
+    mine = {c.task_id for c in changes}
+    pace = {tid: at for tid, at in (pace or {}).items() if tid in mine}
+    repo.set_due(session, run_id, pace)
+    started = repo.set_run_status(session, run_id, RunStatus.RUNNING, message=why) if changes else None
+    publication = _Publication([t for t in tasks if t.id in mine], epoch, token, pace)
+    return changes + ([started] if started else []), publication
 
 
 def dispatch(
@@ -247,10 +341,10 @@ def dispatch(
     """
     while True:
         changes: list[repo.Change] = []
-        publish: tuple[list[ManifestTask], int] | None = None
+        publication: _Publication | None = None
         with store.begin() as s:
             run = repo.get_run(s, run_id)
-            if RunStatus(run.status).terminal and run.status != RunStatus.ERROR:
+            if RunStatus(run.status).terminal:
                 return
             cr = compiled_run(s, run_id)
             m = cr.manifest
@@ -270,14 +364,14 @@ def dispatch(
                 runnable, skipped = _sort_out([cr.tasks[t] for t in m.stages[stage]], statuses)
                 changes += _skip(s, run_id, skipped)
                 if runnable:
-                    changes += _queue(s, run_id, runnable, f"stage {stage} dispatched")
-                    publish = (runnable, run.epoch)
-                    tenant = run.tenant
+                    pace = _pacing(app, client, m, run_id, run.tenant, runnable)
+                    queued, publication = _queue(
+                        s, run_id, runnable, run.epoch, f"stage {stage} dispatched", pace
+                    )
+                    changes += queued
         events.publish(client, changes)
-        if publish and publish[0]:
-            tasks, epoch = publish
-            pace = _pacing(app, client, m, run_id, tenant, tasks)
-            _publish_stage(app, store, run_id, stage, tasks, epoch, pace)
+        if publication is not None and publication.tasks:
+            _publish(app, store, run_id, stage, publication, client=client)
             return
         stage += 1
     finalize(store, run_id, client=client)
@@ -286,22 +380,22 @@ def dispatch(
 def release(app: Celery, store: Store, run_id: str, *, client: redis.Redis | None = None) -> None:
     """Dispatch held tasks whose dependencies have all ended, in stages already dispatched.
 
-    Runs after an approval is decided, after ``taskexec retry`` reopened tasks, and as the
-    body of the chord of each batch it sends, until nothing is held; then the run goes on
-    to its next stage, or ends.
+    Runs after an approval is decided, after ``taskexec retry`` reopened tasks, as the body
+    of the chord of each batch it sends, after a detached task ends, and from the
+    reconciler, until nothing is held; then the run goes on to its next stage, or ends.
     """
     changes: list[repo.Change] = []
-    publish: tuple[list[ManifestTask], int] | None = None
+    publication: _Publication | None = None
     with store.begin() as s:
         run = repo.get_run(s, run_id)
         if RunStatus(run.status).terminal:
             return
         cr = compiled_run(s, run_id)
         m = cr.manifest
-        cursor = run.stage_cursor
-        if run.stop_reason is not None:
+        cursor, stopping = run.stage_cursor, run.stop_reason is not None
+        if stopping:
             changes += _stop_everything(s, run, m)
-        else:
+        elif cursor >= 0:
             statuses = repo.task_statuses(s, run_id)
             held = [t for t in m.tasks if t.stage <= cursor and statuses[t.id] is TaskStatus.PENDING]
             while True:  # a skip can unblock (and skip) what waits behind it
@@ -311,20 +405,73 @@ def release(app: Celery, store: Store, run_id: str, *, client: redis.Redis | Non
                 changes += _skip(s, run_id, skipped)
                 statuses.update({t: TaskStatus.SKIPPED for ids in skipped.values() for t in ids})
             if runnable:
-                queued = _queue(s, run_id, runnable, "held tasks released")
+                queued, publication = _queue(s, run_id, runnable, run.epoch, "held tasks released")
                 changes += queued
-                # Only what this call moved: a release running at the same time sends the rest.
-                mine = {c.task_id for c in queued}
-                publish = ([t for t in runnable if t.id in mine], run.epoch)
         settled = cursor >= 0 and stage_settled(s, run_id, cursor)
     events.publish(client, changes)
-    if publish and publish[0]:
-        tasks, epoch = publish
-        _publish_stage(app, store, run_id, None, tasks, epoch)
+    if publication is not None and publication.tasks:
+        _publish(app, store, run_id, None, publication, client=client)
+    elif cursor < 0 and not stopping:
+        dispatch(app, store, run_id, 0, client=client)  # its first dispatch never happened
     elif settled and cursor + 1 < len(m.stages):
         dispatch(app, store, run_id, cursor + 1, client=client)
     else:
         finalize(store, run_id, client=client)
+
+
+def republish(app: Celery, store: Store, run_id: str, *, client: redis.Redis | None, why: str) -> int:
+    """Send again every task of a run that has a message on its way or a worker on it.
+
+    ``taskexec resume`` and the reconciler (when the broker lost its data) call this. It
+    changes no task's status: each copy finds its task in the store and does what the
+    state says. A task running under a live lease is waited for (the copy comes back when
+    the lease would end), never run a second time; one whose lease ran out is taken over;
+    a queued one is claimed once, whichever copy comes first. The copies go out in one
+    chord whose body releases the run, so it goes on to its next stage when they are done.
+    Returns how many tasks were sent.
+    """
+    with store.begin() as s:
+        run = repo.get_run(s, run_id)
+        if RunStatus(run.status).terminal:
+            return 0
+        cr = compiled_run(s, run_id)
+        statuses = repo.task_statuses(s, run_id)
+        active = [cr.tasks[t] for t, st in statuses.items() if st in repo.ACTIVE]
+        epoch = repo.bump_epoch(s, run_id)  # new message ids: a cancel revokes these, not the lost
+        token = uuid.uuid4().hex
+        repo.mark_outbox(s, run_id, [t.id for t in active if statuses[t.id] is TaskStatus.QUEUED], token)
+        repo.log_line(s, run_id, None, 0, f"{why}: {len(active)} task(s) sent again", event="resume")
+    faultpoints.reached("resume.committed")
+    if active:
+        _publish(app, store, run_id, None, _Publication(active, epoch, token), client=client)
+    else:
+        release(app, store, run_id, client=client)
+    return len(active)
+
+
+def resend(
+    app: Celery, store: Store, run_id: str, overdue: Sequence[repo.Overdue], *, client: redis.Redis | None
+) -> int:
+    """Send again the tasks of a run whose message is overdue or was never sent (the reconciler).
+
+    Marked first, in the outbox (a conditional update per task: a concurrent round, or a
+    task that moved on meanwhile, is not marked twice), then sent as one chord whose body
+    releases the run. A reconciler that dies between the two leaves the mark: the next
+    round after the grace period sends them. Returns how many tasks were sent.
+    """
+    token = uuid.uuid4().hex
+    with store.begin() as s:
+        run = repo.get_run(s, run_id)
+        if RunStatus(run.status).terminal:
+            return 0
+        cr = compiled_run(s, run_id)
+        marked = repo.mark_resent(s, overdue, token)
+        epoch = run.epoch
+    faultpoints.reached("reconcile.marked")
+    if marked:
+        tasks = [cr.tasks[t] for t in marked]
+        _publish(app, store, run_id, None, _Publication(tasks, epoch, token, suffix=token[:8]), client=client)
+    return len(marked)
 
 
 def send_release(app: Celery, run_id: str) -> None:
@@ -384,22 +531,23 @@ def _pacing(
     return pace
 
 
-def _publish_stage(
+def _publish(
     app: Celery,
     store: Store,
     run_id: str,
     stage: int | None,
-    tasks: list[ManifestTask],
-    epoch: int,
-    pace: dict[str, datetime] | None = None,
-) -> None:
-    """Send a chord of tasks; if the broker refuses it, undo the dispatch in the store.
+    publication: _Publication,
+    *,
+    client: redis.Redis | None,
+) -> bool:
+    """Send a chord of queued tasks, then take them out of the outbox; false if the broker
+    refused it (the run goes on: the reconciler sends what is still in the outbox).
 
     ``stage`` is the stage dispatched (its body dispatches the next one), or ``None`` for a
-    batch of released tasks (its body releases again). ``pace``: ETAs by task id.
+    batch of released or re-sent tasks (its body releases the run again).
     """
-    pace = pace or {}
-    header = [_signature(app, run_id, t, epoch, pace.get(t.id)) for t in tasks]
+    p = publication
+    header = [_signature(app, run_id, t, p.epoch, p.pace.get(t.id), p.suffix) for t in p.tasks]
     if stage is None:
         body = app.signature(
             "taskexec.release",
@@ -421,30 +569,43 @@ def _publish_stage(
         options={"queue": CONTROL, "argsrepr": f"run={run_id} stage={stage}"},
     )
     body.link_error(on_error)
+    settings: Settings = app.conf.taskexec_settings
     try:
-        chord(header, body, app=app).apply_async()
+        faultpoints.reached("dispatch.committed")
+        with _Sending(client, p.token, ttl=max(1.0, settings.resend_grace / 2)):
+            chord(header, body, app=app).apply_async()
+        faultpoints.reached("dispatch.published")
         instance = broker_instance(app)
     except Exception as e:  # kombu and redis-py raise many types for one broken connection
-        # Committed "queued" rows with no message would wait forever: put them back, so that
-        # the retry of this step (or the reconciler) dispatches them again.
-        with store.begin() as s:
-            repo.set_tasks_status(
-                s, run_id, [t.id for t in tasks], TaskStatus.PENDING, allowed_from=[TaskStatus.QUEUED]
-            )
-            if stage is not None:
-                undo = update(Run).where(Run.run_id == run_id, Run.stage_cursor == stage)
-                s.execute(undo.values(stage_cursor=stage - 1))
-        raise BrokerUnavailableError(f"cannot reach the broker to dispatch {len(tasks)} task(s): {e}") from e
+        what = f"messages of {len(p.tasks)} task(s) not sent ({type(e).__name__}: {e})"
+        log.warning("run %s: %s; the reconciler sends them", run_id, what)
+        try:
+            with store.begin() as s:
+                repo.record_incident(s, run_id, f"{what}; the reconciler sends them")
+        except DatabaseUnavailableError:
+            pass  # the outbox holds them all the same
+        return False
     with store.begin() as s:
+        repo.clear_outbox(s, run_id, p.token)
         s.execute(update(Run).where(Run.run_id == run_id).values(broker_instance=instance))
+    return True
 
 
 def broker_instance(app: Celery) -> str | None:
-    """The broker's Redis server identity (``INFO`` run_id): it changes when Redis restarts."""
+    """The broker's identity (:data:`IDENTITY_KEY`), created when missing.
+
+    Not Redis's own ``run_id``: that changes at every restart, even one that kept every
+    message (AOF), and sending a run's tasks again then is wasted work at best.
+    """
     with app.connection_for_write() as conn:
         client = conn.default_channel.client
-        run_id: str | None = client.info("server").get("run_id")
-        return run_id
+        token = client.get(IDENTITY_KEY)
+        if token is None:
+            client.set(IDENTITY_KEY, uuid.uuid4().hex, nx=True)
+            token = client.get(IDENTITY_KEY)
+        if isinstance(token, bytes):
+            return token.decode()
+        return str(token) if token is not None else None
 
 
 def stage_settled(session: Session, run_id: str, stage: int) -> bool:
@@ -456,14 +617,14 @@ def stage_settled(session: Session, run_id: str, stage: int) -> bool:
     return not any(s in repo.ACTIVE for s in repo.task_statuses(session, run_id, stage).values())
 
 
-def finalize(
-    store: Store, run_id: str, *, client: redis.Redis | None = None, error: str | None = None
-) -> RunStatus | None:
-    """End a run whose tasks are all terminal (never-dispatched ones become ``cancelled``).
+def finalize(store: Store, run_id: str, *, client: redis.Redis | None = None) -> RunStatus | None:
+    """End a run whose tasks have all ended; ``None`` when it is not over or already ended.
 
-    With ``error``, the run ends ``error`` with that message whatever its tasks did (an
-    infrastructure failure); ``taskexec resume`` can pick it up again.
-    Returns the final status, or ``None`` when the run is not over or has already ended.
+    A run ends only from the store: every task terminal, or, for a run that was stopped
+    (cancel, ``max_failures``, timeout), every task terminal or never dispatched (those are
+    ``cancelled``). A pending task of a run that was not stopped is work still to do (a
+    dispatch that failed, a stage the reconciler has yet to send): the run is not over. An
+    infrastructure failure never ends a run; the reconciler recovers what it left behind.
     """
     changes: list[repo.Change] = []
     with store.begin() as s:
@@ -471,10 +632,12 @@ def finalize(
         if RunStatus(run.status).terminal:
             return None
         statuses = repo.task_statuses(s, run_id)
-        if error is None and any(st in repo.UNSETTLED for st in statuses.values()):
+        if any(st in repo.UNSETTLED for st in statuses.values()):
             return None
         pending = [tid for tid, st in statuses.items() if st is TaskStatus.PENDING]
-        if error is None and pending:
+        if pending and run.stop_reason is None:
+            return None
+        if pending:
             changes += repo.set_tasks_status(
                 s,
                 run_id,
@@ -482,12 +645,10 @@ def finalize(
                 TaskStatus.CANCELLED,
                 allowed_from=[TaskStatus.PENDING],
                 error_code=ErrorCode.CANCELLED,
-                message=f"run stopped: {run.stop_reason or 'ended'}",
+                message=f"run stopped: {run.stop_reason}",
             )
         result = results.run_result(s, run_id)
-        if error is not None:
-            final = RunStatus.ERROR
-        elif run.stop_reason == "cancelled":
+        if run.stop_reason == "cancelled":
             final = RunStatus.CANCELLED
         elif run.stop_reason == "timeout":
             final = RunStatus.TIMED_OUT
@@ -502,9 +663,9 @@ def finalize(
             s,
             run_id,
             final,
-            message=error or run.stop_reason,
+            message=run.stop_reason,
             statistics=stats.model_dump(mode="json"),
-            error_message=error,
+            error_message=None,
             finished_at=now,
         )
         if change is None:
@@ -512,13 +673,46 @@ def finalize(
         changes.append(change)
         manifest = compiled_run(s, run_id).manifest
         wants_notice = any("run_finished" in n.events for n in manifest.notify)
-        stopped, tenant = run.stop_reason is not None or error is not None, run.tenant
+        stopped, tenant = run.stop_reason is not None, run.tenant
     events.publish(client, changes)
     if stopped and client is not None:
         _give_back_tokens(client, run_id, tenant, manifest)
     if wants_notice:
         send_notice(run_id, "run_finished")
     return final
+
+
+def abandon(store: Store, run_id: str, reason: str, *, client: redis.Redis | None = None) -> bool:
+    """End a run that nothing can carry on: every unfinished task ``cancelled``, the run ``error``.
+
+    Only the owner of a private fleet decides this (embedded mode, when its workers and its
+    Redis are gone with the run's messages); a fleet's runs are never abandoned, the
+    reconciler carries them on. Returns whether this call ended the run.
+    """
+    with store.begin() as s:
+        run = repo.get_run(s, run_id)
+        if RunStatus(run.status).terminal:
+            return False
+        statuses = repo.task_statuses(s, run_id)
+        unfinished = [t for t, st in statuses.items() if not st.terminal]
+        changes = repo.set_tasks_status(
+            s, run_id, unfinished, TaskStatus.CANCELLED, error_code=ErrorCode.CANCELLED, message=reason
+        )
+        result = results.run_result(s, run_id)
+        now = utcnow()
+        started = run.started_at or run.submitted_at
+        stats = RunStatistics.of(result.tasks, round((now - started).total_seconds(), 3))
+        change = repo.set_run_status(
+            s,
+            run_id,
+            RunStatus.ERROR,
+            message=reason,
+            statistics=stats.model_dump(mode="json"),
+            error_message=reason,
+            finished_at=now,
+        )
+    events.publish(client, [*changes, *([change] if change else [])])
+    return change is not None
 
 
 def _give_back_tokens(client: redis.Redis, run_id: str, tenant: str | None, manifest: RunManifest) -> None:

@@ -463,13 +463,13 @@ class EmbeddedFleet:
         """End ``error`` the fleet's runs that are still unfinished now that no worker runs them."""
         if not self.runs:
             return
-        from taskexec.dispatch import finalize
+        from taskexec.dispatch import abandon
         from taskexec.store import repository as repo
 
         store = Store(self.settings.database_url or "")
         try:
             for run_id in self._unfinished(store):
-                finalize(store, run_id, error=f"{reason}; the run cannot go on")
+                abandon(store, run_id, f"{reason}; the run cannot go on")
             with store.begin() as s:
                 self.settled = {r: RunStatus(repo.get_run(s, r).status) for r in self.runs}
         except Exception as e:

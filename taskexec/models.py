@@ -109,19 +109,15 @@ _TASK_ENDS = frozenset({_T.SUCCEEDED, *_TASK_FAILURES, _T.CANCELLED, _T.SKIPPED}
 #: Ended without success and reopened by ``taskexec retry RUN`` (back to pending).
 _RERUN = frozenset({_T.PENDING})
 
-#: Allowed task transitions. ``running``/``validating``/``retrying`` -> ``queued`` is the
-#: re-dispatch of ``resume`` after the broker lost the message.
+#: Allowed task transitions. Nothing moves a task backwards to re-send it: a lost message
+#: is sent again with the task's status as it is (the outbox, the reconciler, ``resume``),
+#: and the claim decides which copy runs it.
 TASK_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     _T.PENDING: frozenset({_T.QUEUED, _T.CANCELLED, _T.SKIPPED}),
-    # queued -> pending: the broker refused the stage's messages, the dispatch is undone.
-    _T.QUEUED: frozenset({_T.PENDING, _T.RUNNING, _T.CANCELLED, _T.SKIPPED, _T.ERROR, _T.FAILED}),
-    _T.RUNNING: frozenset(
-        {_T.VALIDATING, _T.RETRYING, _T.QUEUED, _T.WAITING_APPROVAL} | _TASK_ENDS - {_T.SKIPPED}
-    ),
+    _T.QUEUED: frozenset({_T.RUNNING, _T.CANCELLED, _T.SKIPPED, _T.ERROR, _T.FAILED}),
+    _T.RUNNING: frozenset({_T.VALIDATING, _T.RETRYING, _T.WAITING_APPROVAL} | _TASK_ENDS - {_T.SKIPPED}),
     _T.RETRYING: frozenset({_T.QUEUED, _T.RUNNING, _T.CANCELLED, _T.ERROR, _T.FAILED}),
-    _T.VALIDATING: frozenset(
-        {_T.SUCCEEDED, _T.VALIDATION_FAILED, _T.RETRYING, _T.ERROR, _T.CANCELLED, _T.QUEUED}
-    ),
+    _T.VALIDATING: frozenset({_T.SUCCEEDED, _T.VALIDATION_FAILED, _T.RETRYING, _T.ERROR, _T.CANCELLED}),
     # An approval gate: approved (succeeded), rejected or timed out (failed), or cancelled.
     _T.WAITING_APPROVAL: frozenset({_T.SUCCEEDED, _T.FAILED, _T.CANCELLED}),
     _T.SUCCEEDED: frozenset(),
@@ -147,7 +143,7 @@ class RunStatus(StrEnum):
 
     @property
     def terminal(self) -> bool:
-        """Whether the run has ended (``error`` can still be resumed)."""
+        """Whether the run has ended."""
         return self not in (RunStatus.QUEUED, RunStatus.RUNNING)
 
     def can_become(self, new: RunStatus) -> bool:
@@ -157,12 +153,13 @@ class RunStatus(StrEnum):
 
 _R = RunStatus
 _RUN_ENDS = frozenset({_R.SUCCEEDED, _R.FAILED, _R.CANCELLED, _R.TIMED_OUT, _R.ERROR})
-#: Allowed run transitions; ``error -> running`` is ``taskexec resume``, ``failed``,
-#: ``cancelled`` or ``timed_out`` -> ``running`` is ``taskexec retry``.
+#: Allowed run transitions. A run's end is final for everything automatic (the reconciler,
+#: ``resume``, redeliveries); ``failed``, ``cancelled``, ``timed_out`` or ``error`` ->
+#: ``running`` is ``taskexec retry``, a person's decision to run failed tasks again.
 RUN_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
     _R.QUEUED: frozenset({_R.RUNNING} | _RUN_ENDS),
     _R.RUNNING: _RUN_ENDS,
-    _R.ERROR: frozenset({_R.RUNNING, _R.CANCELLED}),
+    _R.ERROR: frozenset({_R.RUNNING}),
     _R.SUCCEEDED: frozenset(),
     _R.FAILED: frozenset({_R.RUNNING}),
     _R.CANCELLED: frozenset({_R.RUNNING}),

@@ -14,8 +14,8 @@ import redis
 from celery import Celery
 from sqlalchemy import update
 
-from taskexec import events
-from taskexec.dispatch import finalize, message_id, request_stop, send_dispatch, send_release
+from taskexec import events, faultpoints
+from taskexec.dispatch import finalize, message_id, republish, request_stop, send_dispatch, send_release
 from taskexec.errors import BrokerUnavailableError, PlanError
 from taskexec.models import ErrorCode, RunManifest, RunStatus, TaskStatus
 from taskexec.store import Store
@@ -55,8 +55,9 @@ def submit(
     run_id = uuid.uuid4().hex
     with store.begin() as s:
         repo.add_run(s, run_id, manifest, tenant=tenant, labels=labels)
+    faultpoints.reached("submit.committed")
     events.publish(client, [repo.Change(run_id, None, RunStatus.QUEUED.value)])
-    send_dispatch(app, run_id, 0)
+    send_dispatch(app, run_id, 0)  # lost with the producer: the reconciler sends it after a grace
     return run_id
 
 
@@ -68,7 +69,7 @@ def cancel(app: Celery, store: Store, run_id: str, *, client: redis.Redis | None
     """
     with store.begin() as s:
         run = repo.get_run(s, run_id)
-        if RunStatus(run.status).terminal and run.status != RunStatus.ERROR:
+        if RunStatus(run.status).terminal:
             return RunStatus(run.status)
         if not request_stop(s, run_id, "cancelled"):
             s.execute(update(Run).where(Run.run_id == run_id).values(stop_reason="cancelled"))
@@ -102,32 +103,16 @@ def cancel(app: Celery, store: Store, run_id: str, *, client: redis.Redis | None
 
 
 def resume(app: Celery, store: Store, run_id: str, *, client: redis.Redis) -> int:
-    """Re-dispatch the unfinished part of a run from the store alone.
+    """Send again, from the store alone, whatever of a run may have lost its messages.
 
-    Tasks that were queued, running, retrying or validating when the broker lost them
-    are queued again, from the earliest stage that is not complete; finished tasks are
-    not run again. Returns how many tasks were re-queued or still pending.
+    Every task with a message on its way or a worker on it gets a new message; no task's
+    status changes. A task running under a live lease is not run again (the new copy waits
+    for it), finished tasks stay finished, and the run never leaves ``running``: a client
+    waiting on it sees no false end. A run that has ended has nothing to resume (``taskexec
+    retry`` runs failed tasks again). Returns how many tasks were sent again.
     """
     check_broker(client)
-    with store.begin() as s:
-        run = repo.get_run(s, run_id)
-        if RunStatus(run.status).terminal and run.status != RunStatus.ERROR:
-            return 0
-        statuses = repo.task_statuses(s, run_id)
-        stages = {t["id"]: t["stage"] for t in run.manifest["tasks"]}
-        open_ = [t for t, st in statuses.items() if not st.terminal]
-        first = min((stages[t] for t in open_), default=run.stage_count)
-        active = [t for t in open_ if statuses[t] in (_T.RUNNING, _T.RETRYING, _T.VALIDATING)]
-        repo.set_tasks_status(s, run_id, active, _T.QUEUED, message="re-queued by resume")
-        s.execute(
-            update(Run)
-            .where(Run.run_id == run_id)
-            .values(stage_cursor=first - 1, epoch=Run.epoch + 1, updated_at=utcnow())
-        )
-        if run.status == RunStatus.ERROR:
-            repo.set_run_status(s, run_id, RunStatus.RUNNING, message="resumed", error_message=None)
-    send_dispatch(app, run_id, first)
-    return len(open_)
+    return republish(app, store, run_id, client=client, why="resumed")
 
 
 def decide(
@@ -186,8 +171,9 @@ def decide(
         limit = repo.load_manifest(repo.get_run(s, run_id)).stop.max_failures
         if not approve and limit and repo.count_failures(s, run_id) >= limit:
             request_stop(s, run_id, "max_failures")
+    faultpoints.reached("decide.committed")
     events.publish(client, [change])
-    send_release(app, run_id)
+    send_release(app, run_id)  # lost: the reconciler releases a run whose stage is settled
     return _T.SUCCEEDED if approve else _T.FAILED
 
 

@@ -1,20 +1,30 @@
 """The reconciler: finds work that no message will ever move on, and moves it on.
 
 PostgreSQL is the source of truth and Redis is transient, so a run can be left where no
-Celery message refers to it: Redis restarted empty, a worker died holding a task, a
-backoff waits in the store. One round, run by the ``taskexec.reconcile`` task behind a
-Redis lock (one round at a time in the whole fleet), looks for:
+Celery message refers to it: Redis lost its data, a worker died holding a task or a
+delayed message, a dispatcher died between its commit and its publish, a backoff waits in
+the store. One round, run by the ``taskexec.reconcile`` task behind a Redis lock (one round
+at a time in the whole fleet), looks for:
 
-* runs whose broker restarted since their last dispatch (a new Redis ``run_id``):
-  their unfinished part is re-dispatched from the store, as ``taskexec resume`` does;
+* runs whose broker lost its data since their last dispatch (the broker's identity key is
+  new): every task of theirs with a message on its way or a worker on it is sent again
+  (:func:`~taskexec.dispatch.republish`); a Redis restart that kept its data changes
+  nothing;
 * runs queued whose first dispatch message never arrived;
 * stages complete in the store whose next stage was never dispatched;
 * runs past their ``stop.timeout``, and stopping runs with nothing left running;
-* running tasks whose lease ran out (their worker was lost): a new delivery takes them over;
-* retrying tasks that are due: deferred backoffs, and retries whose message is overdue.
+* running tasks whose lease ran out in the store *and* in Redis (their worker was lost): a
+  new delivery takes them over; a worker that only lost the store still holds its task;
+* tasks whose message is overdue: deferred backoffs that are due, and delayed messages
+  (backoffs, rate-limit and slot waits, paced ETAs) still waiting ``TASKEXEC_RESEND_GRACE``
+  past their due time, because the worker holding them in memory died;
+* tasks left in the outbox for ``TASKEXEC_RESEND_GRACE`` (their dispatcher died or lost
+  the broker between its commit and its publish).
 
 Every action goes through the same idempotent steps as normal execution (conditional
-claims, the run's stage cursor), so a round that overlaps normal progress changes nothing.
+claims, the run's stage cursor), so a round that overlaps normal progress changes nothing,
+and a task sent twice runs once. A message is sent before the row that asked for it is
+updated: a round that dies between the two sends it again, never not at all.
 
 Example:
     >>> report = reconcile(app, store, client=redis_client)  # doctest: +SKIP
@@ -31,19 +41,23 @@ from datetime import datetime, timedelta
 
 import redis
 from celery import Celery
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 
 from taskexec.dispatch import (
     broker_instance,
     compiled_run,
     execute_signature,
     finalize,
+    outbox_key,
     release,
+    republish,
     request_stop,
+    resend,
     send_dispatch,
     stage_settled,
 )
 from taskexec.errors import BrokerUnavailableError, PlanError
+from taskexec.liveness import alive
 from taskexec.models import ErrorCode, RunManifest, RunStatus, TaskStatus
 from taskexec.store import Store
 from taskexec.store import repository as repo
@@ -72,11 +86,14 @@ class Report:
         return bool(self.resumed or self.advanced or self.stopped or self.requeued)
 
 
-def send_detached(app: Celery, store: Store, run_id: str, task_id: str, attempt: int) -> None:
-    """Send one ``execute`` outside any chord: the task advances its run itself when it ends."""
+def send_detached(app: Celery, store: Store, run_id: str, task_id: str, name: str) -> None:
+    """Send one ``execute`` outside any chord: the task advances its run itself when it ends.
+
+    ``name`` makes the message id (``run/task/name``) unique to why it was sent.
+    """
     with store.begin() as s:
         task = compiled_run(s, run_id).tasks[task_id]
-    sig = execute_signature(app, run_id, task, task_id=f"{run_id}/{task_id}/r{attempt}", detached=True)
+    sig = execute_signature(app, run_id, task, task_id=f"{run_id}/{task_id}/{name}", detached=True)
     sig.apply_async()
 
 
@@ -86,16 +103,17 @@ def reconcile(
     *,
     client: redis.Redis | None,
     lease_grace: float = 0.0,
-    overdue: float = 60.0,
+    grace: float = 60.0,
 ) -> Report:
     """One round of the reconciler (see the module docstring).
 
     Args:
         app: The Celery app to publish with.
         store: The result store.
-        client: Redis for run events and cancel flags.
+        client: Redis for run events, cancel flags and the lease keys of live workers.
         lease_grace: Seconds past a lease's end before its task is taken over.
-        overdue: Seconds past due before a retry whose message is missing is sent again.
+        grace: Seconds past a message's due time, or past its dispatch for one still in the
+            outbox, before the task is sent again (``TASKEXEC_RESEND_GRACE``).
     """
     report = Report()
     current = broker_instance(app)
@@ -115,13 +133,25 @@ def reconcile(
         since = started_at or submitted_at
         try:
             _reconcile_run(
-                app, store, client, report, run_id, status, instance, current, cursor, stop_reason, since
+                app,
+                store,
+                client,
+                report,
+                run_id,
+                status,
+                instance,
+                current,
+                cursor,
+                stop_reason,
+                since,
+                grace,
             )
         except BrokerUnavailableError:
             raise
         except Exception:
             log.exception("reconciling run %s failed", run_id)
-    _requeue_tasks(app, store, client, report, lease_grace, overdue)
+    _take_over_lost(app, store, client, report, lease_grace, grace)
+    _resend_overdue(app, store, client, report, grace)
     _expire_approvals(app, store, client, report)
     if report:
         log.info("reconciler: %s", report)
@@ -140,18 +170,18 @@ def _reconcile_run(
     cursor: int,
     stop_reason: str | None,
     since: datetime,
+    grace: float,
 ) -> None:
-    from taskexec import producer
-
     now = utcnow()
     if instance is not None and current is not None and instance != current:
-        log.warning("run %s: the broker restarted since its last dispatch; resuming it", run_id)
-        if client is not None:
-            producer.resume(app, store, run_id, client=client)
+        log.warning(
+            "run %s: the broker lost its data since its last dispatch; sending its tasks again", run_id
+        )
+        republish(app, store, run_id, client=client, why="the broker lost its data")
         report.resumed.append(run_id)
         return
     if status == RunStatus.QUEUED.value and cursor < 0:
-        if (now - since).total_seconds() > 60:
+        if (now - since).total_seconds() > grace:
             send_dispatch(app, run_id, 0)  # the producer's message was lost; a duplicate is harmless
             report.advanced.append(run_id)
         return
@@ -225,37 +255,43 @@ def _expire_approvals(app: Celery, store: Store, client: redis.Redis | None, rep
         report.stopped.append(f"{run_id}/{task_id}")
 
 
-def _requeue_tasks(
-    app: Celery, store: Store, client: redis.Redis | None, report: Report, lease_grace: float, overdue: float
+def _take_over_lost(
+    app: Celery, store: Store, client: redis.Redis | None, report: Report, lease_grace: float, grace: float
 ) -> None:
+    """Running tasks whose worker was lost: their lease ran out in the store and in Redis."""
+    with store.begin() as s:
+        rows = repo.lost_tasks(s, expired_before=utcnow() - timedelta(seconds=lease_grace))
+    for run_id, task_id, attempts in rows:
+        if alive(client, run_id, task_id, attempts):
+            continue  # its worker renews the Redis lease: it waits for the store, it is not lost
+        # One message per task and attempt per grace period: a round that comes back while
+        # the first message still waits in a long queue sends no second one.
+        key = f"taskexec:requeued:{run_id}/{task_id}/{attempts}"
+        if client is not None and not client.set(key, "1", nx=True, ex=max(1, int(grace))):
+            continue
+        send_detached(app, store, run_id, task_id, f"r{attempts}")
+        report.requeued.append(f"{run_id}/{task_id}")
+
+
+def _resend_overdue(
+    app: Celery, store: Store, client: redis.Redis | None, report: Report, grace: float
+) -> None:
+    """Tasks whose message is overdue (due long ago) or was never sent (left in the outbox),
+    sent again run by run (:func:`~taskexec.dispatch.resend`)."""
     now = utcnow()
     with store.begin() as s:
-        rows = s.execute(
-            select(Execution.run_id, Execution.task_id, Execution.attempts)
-            .join(Run, Run.run_id == Execution.run_id)
-            .where(
-                Run.status == RunStatus.RUNNING.value,
-                or_(
-                    and_(
-                        Execution.status == _T.RUNNING.value,
-                        Execution.lease_until < now - timedelta(seconds=lease_grace),
-                    ),
-                    and_(
-                        Execution.status == _T.RETRYING.value,
-                        or_(
-                            and_(Execution.deferred.is_(True), Execution.not_before <= now),
-                            Execution.not_before < now - timedelta(seconds=overdue),
-                        ),
-                    ),
-                ),
-            )
-            .limit(10_000)
-        ).all()
-    for run_id, task_id, attempts in rows:
-        # One message per task and attempt per `overdue` window: a round that comes back
-        # while the first message still waits in a long queue sends no second one.
-        key = f"taskexec:requeued:{run_id}/{task_id}/{attempts}"
-        if client is not None and not client.set(key, "1", nx=True, ex=max(1, int(overdue))):
+        found = repo.overdue_tasks(s, now=now, late=now - timedelta(seconds=grace))
+    by_run: dict[str, list[repo.Overdue]] = {}
+    for task in found:
+        if task.outbox is not None and client is not None:
+            with contextlib.suppress(redis.RedisError):
+                if client.exists(outbox_key(task.outbox)):
+                    continue  # its publisher is alive and still sending
+        by_run.setdefault(task.run_id, []).append(task)
+    for run_id, tasks in by_run.items():
+        try:
+            sent = resend(app, store, run_id, tasks, client=client)
+        except Exception:
+            log.exception("sending overdue tasks of run %s again failed", run_id)
             continue
-        send_detached(app, store, run_id, task_id, attempts)
-        report.requeued.append(f"{run_id}/{task_id}")
+        report.requeued += [f"{run_id}/{t.task_id}" for t in tasks[:sent]]

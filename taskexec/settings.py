@@ -89,6 +89,19 @@ class Settings(BaseSettings):
     db_retry_seconds: float = Field(
         30.0, ge=0, description="How long a store operation keeps retrying while the database is unreachable."
     )
+    outcome_wait_seconds: float = Field(
+        3600.0,
+        ge=0,
+        description="How long a worker holds a finished attempt's outcome while the database is "
+        "unreachable (its lease stays alive in Redis meanwhile, so nobody runs the task again).",
+    )
+    resend_grace: float = Field(
+        60.0,
+        ge=1,
+        le=86_400,
+        description="Seconds past its due time (or its dispatch) before the reconciler sends a task's "
+        "message again: a delayed message died with its worker, or its dispatcher died before publishing.",
+    )
     max_output_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="Largest task output (as JSON) a worker stores."
     )

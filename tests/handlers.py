@@ -49,28 +49,35 @@ def record_span(params: dict[str, Any], inputs: dict[str, Any], ctx: Any) -> dic
 # ---------------------------------------------------------------- fault suite
 
 
-def ledger(params: dict[str, Any], inputs: dict[str, Any], ctx: Any) -> dict[str, Any]:
-    """Note the start (pid, attempt), work ``delay`` s, then record the side effect once per task.
-
-    The side effect is a row in ``params["dsn"]``'s ``ledger`` table keyed by ``ctx.task_key``:
-    the handler honours the idempotency key, as a real one would with a unique constraint.
-    """
-    import psycopg2
-
+def _note(params: dict[str, Any], what: str, ctx: Any) -> None:
+    """One line of the execution ledger: ``start|end time pid attempt run task`` (appended)."""
     with Path(params["starts"]).open("a") as f:
-        f.write(f"{time.time()} {os.getpid()} {ctx.attempt} {ctx.task_id}\n")
+        f.write(f"{what} {time.time()} {os.getpid()} {ctx.attempt} {ctx.run_id} {ctx.task_id}\n")
+
+
+def ledger(params: dict[str, Any], inputs: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Note the start (pid, attempt), work ``delay`` s, record the side effect once per task,
+    note the end.
+
+    The start and end lines are the ledger of real executions the fault suite counts: one
+    start per attempt that ran, none of them overlapping another of the same task. The side
+    effect is a file in ``params["sidefx"]`` named by ``ctx.task_key``, created exclusively:
+    the handler honours the idempotency key, as a real one would with a unique constraint.
+    It lives outside the store, so that a store outage does not fail the handler itself.
+    """
+    _note(params, "start", ctx)
     end = time.monotonic() + float(params.get("delay", 0))
     while time.monotonic() < end:
         time.sleep(0.05)
     if params.get("crash_after_commit"):
         Path(params["crash_after_commit"]).write_text(str(os.getpid()))
-    with psycopg2.connect(params["dsn"]) as conn, conn.cursor() as cur:
-        cur.execute(
-            "INSERT INTO ledger (key, task, attempt) VALUES (%s, %s, %s) ON CONFLICT (key) DO NOTHING",
-            (ctx.task_key, ctx.task_id, ctx.attempt),
-        )
-        cur.execute("INSERT INTO ledger_tries (key, attempt) VALUES (%s, %s)", (ctx.task_key, ctx.attempt))
-    conn.close()
+    if int(params.get("fail_attempts", 0)) >= ctx.attempt:
+        _note(params, "end", ctx)
+        raise RuntimeError(f"attempt {ctx.attempt} fails on purpose")
+    effect = Path(params["sidefx"]) / ctx.task_key.replace("/", "__")
+    with contextlib.suppress(FileExistsError), effect.open("x") as f:
+        f.write(f"{ctx.attempt}\n")
+    _note(params, "end", ctx)
     return {"ok": True, "attempt": ctx.attempt, "ledger": True}
 
 
@@ -78,8 +85,7 @@ def suicide(params: dict[str, Any], inputs: dict[str, Any], ctx: Any) -> dict[st
     """Kill the process running it, every time: a poison message."""
     import signal
 
-    with Path(params["starts"]).open("a") as f:
-        f.write(f"{time.time()} {os.getpid()} {ctx.attempt} {ctx.task_id}\n")
+    _note(params, "start", ctx)
     os.kill(os.getpid(), signal.SIGKILL)
     return {}
 
@@ -115,9 +121,34 @@ def _crash_after_commit(**_: Any) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+_published = {"count": 0}
+
+
+def _stall_a_publish(**_: Any) -> None:
+    """Fault point of the suite's own, in the middle of a publication: the N-th message this
+    process publishes after ``stall-publish`` was armed (``N SECONDS``) waits SECONDS first,
+    so that the test can restart Redis while a large stage's chord is half sent."""
+    import glob
+
+    for marker in glob.glob("/tmp/taskexec-fault-*/stall-publish"):
+        path = Path(marker)
+        try:
+            nth, seconds = path.read_text().split()
+        except (OSError, ValueError):
+            continue
+        _published["count"] += 1
+        if _published["count"] >= int(nth):
+            try:
+                path.rename(path.with_name("stall-publish.fired"))
+            except OSError:
+                continue
+            time.sleep(float(seconds))
+
+
 try:
-    from celery.signals import task_postrun
+    from celery.signals import before_task_publish, task_postrun
 
     task_postrun.connect(_crash_after_commit, weak=False)
+    before_task_publish.connect(_stall_a_publish, weak=False)
 except ImportError:  # pragma: no cover - celery is a dependency
     pass

@@ -11,7 +11,11 @@ store and ends with a conditional write:
    token of the task's ``rate_limit`` (both in Redis); refused, come back later.
 3. **Claim** the next attempt with one conditional UPDATE, leased to this worker; a
    heartbeat thread renews the lease while the handler runs.
-4. **Run** the handler, then write the outcome only if this attempt still holds the task.
+4. **Run** the handler under its time limit (counted around the handler alone, see
+   :mod:`workers.timelimit`), then write the outcome only if this attempt still holds the
+   task. The outcome is held until the store takes it, however long the store is down:
+   the heartbeat keeps the attempt's lease alive in Redis meanwhile, so nobody takes the
+   task over and the handler runs once.
 
 Outcomes of a handler call:
 
@@ -37,26 +41,37 @@ import os
 import random
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session
 
-from taskexec import events
+from taskexec import events, faultpoints
 from taskexec.celery_app import redis_url
-from taskexec.dispatch import CompiledRun, compiled_run, finalize, release, request_stop, send_notice
+from taskexec.dispatch import (
+    HARD_LIMIT_GRACE,
+    CompiledRun,
+    compiled_run,
+    finalize,
+    release,
+    request_stop,
+    send_notice,
+)
 from taskexec.errors import (
     AwaitApproval,
     CriteriaError,
+    DatabaseUnavailableError,
     HandlerNotAllowedError,
     RetryableError,
     RunNotFoundError,
     TaskCancelled,
     TaskFailed,
 )
+from taskexec.liveness import alive
 from taskexec.models import ErrorCode, ManifestTask, RunManifest, TaskStatus
 from taskexec.ratelimit import RateLimiter, Slots, bucket_key, holder, slots_key
 from taskexec.settings import Settings
@@ -67,6 +82,7 @@ from workers import secrets
 from workers.artifacts import resolve_inputs
 from workers.handlers import HandlerContext, check_output, load_modules, resolve
 from workers.lease import CancelCheck, Heartbeat
+from workers.timelimit import HandlerTimeLimit
 from workers.validators import evaluate
 
 __all__ = ["Outcome", "Runtime", "execute", "validate"]
@@ -74,6 +90,7 @@ __all__ = ["Outcome", "Runtime", "execute", "validate"]
 log = logging.getLogger("taskexec.worker")
 
 _T = TaskStatus
+_W = TypeVar("_W")
 
 
 @dataclass
@@ -150,6 +167,10 @@ def execute(rt: Runtime, run_id: str, task_id: str, *, detached: bool = False) -
             raise RunNotFoundError(f"no task {task_id!r} in run {run_id!r}", path="TASK")
         state = repo.task_state(s, run_id, task_id)
         leased = state.lease_until is not None and state.lease_until > now
+        if state.status is _T.RUNNING and not leased:
+            # The store's lease ran out; the attempt may still be held by a live worker that
+            # could not renew it (the store was down): its Redis lease says so.
+            leased = alive(rt.redis, run_id, task_id, state.attempts)
         if state.stop_reason is not None and not state.status.terminal and not leased:
             # The durable flag: nothing of a stopped run starts, whatever message arrives.
             change = repo.set_task_status(
@@ -178,10 +199,12 @@ def execute(rt: Runtime, run_id: str, task_id: str, *, detached: bool = False) -
         return _settled(rt, run_id, task, state.status, detached, changed=False)
     if state.status is _T.RUNNING:
         if leased:
-            assert state.lease_until is not None
             # Another copy holds it (a redelivery, a duplicate publish): come back when its
             # lease would end. Returning now would count this chord part before the task ends.
-            left = (state.lease_until - now).total_seconds()
+            if state.lease_until is not None and state.lease_until > now:
+                left = (state.lease_until - now).total_seconds()
+            else:  # held in Redis only: its worker waits for the store
+                left = rt.settings.lease_seconds / 3
             return Outcome(
                 _record(run_id, task_id, state.status),
                 again_in=_jitter(left),
@@ -235,6 +258,7 @@ def _start(
     if attempt is None:
         _release(rt, slot, task.id)
         return execute_again_later(rt, run_id, task.id)
+    faultpoints.reached("execute.claimed")
     events.publish(rt.redis, [repo.Change(run_id, task.id, _T.RUNNING.value, attempt)])
     try:
         return _run_handler(rt, run_id, task, attempt, state.retry_base, inputs, slot, detached)
@@ -302,14 +326,16 @@ def _flow_control(
     if not waits:
         return None
     wait, reason = waits[0]
-    with rt.store.begin() as s:
-        repo.count_throttled(s, run_id, task.id)
     rate_limited = "rate limit" in reason
     # A token is reserved for its time: no jitter. Slots free up for whoever asks first.
     again = wait if rate_limited else _jitter(wait)
     # A countdown is held in a worker's memory, and Redis delivers it again past the
     # visibility timeout: a long wait is spent in several, the task asking again between.
     again = min(again, rt.settings.max_throttle_wait, rt.settings.visibility_timeout / 2)
+    with rt.store.begin() as s:
+        # The due time goes to the store: if this worker dies holding the delayed message,
+        # the reconciler sends the task again once it is well past.
+        repo.count_throttled(s, run_id, task.id, due=utcnow() + timedelta(seconds=again))
     data = {"wait": round(again, 3), "limit": task.rate_limit if rate_limited else "concurrency"}
     message = f"{reason}; again in {again:.2f} s"
     events.publish(rt.redis, [repo.Change(run_id, task.id, "throttled", 0, None, message, data)])
@@ -336,19 +362,16 @@ def _run_handler(
     slot: str | None,
     detached: bool,
 ) -> Outcome:
+    """Run a claimed attempt's handler and store its outcome, under the attempt's lease.
+
+    The heartbeat renews the lease until the outcome is stored, not only while the handler
+    runs: a worker that waits for the store with a finished outcome still holds its task.
+    """
     cancelled = CancelCheck(rt.redis, run_id)
-    ctx = HandlerContext(
-        run_id=run_id,
-        task_id=task.id,
-        attempt=attempt,
-        max_attempts=task.retry.max_attempts,
-        timeout=task.timeout,
-        logger=logging.getLogger(f"taskexec.task.{task.handler}"),
-        is_cancelled=cancelled,
-    )
     heartbeat = Heartbeat(
         rt.store,
         rt.slots if slot is not None else None,
+        rt.redis,
         run_id=run_id,
         task_id=task.id,
         attempt=attempt,
@@ -357,12 +380,50 @@ def _run_handler(
         lost=cancelled.lost,
     )
     heartbeat.start()
+    try:
+        return _attempt(rt, run_id, task, attempt, base, inputs, cancelled, heartbeat, detached)
+    finally:
+        heartbeat.stop()
+
+
+def _attempt(
+    rt: Runtime,
+    run_id: str,
+    task: ManifestTask,
+    attempt: int,
+    base: int,
+    inputs: dict[str, Any],
+    cancelled: CancelCheck,
+    heartbeat: Heartbeat,
+    detached: bool,
+) -> Outcome:
+    masked = _Redacting()
+    ctx = HandlerContext(
+        run_id=run_id,
+        task_id=task.id,
+        attempt=attempt,
+        max_attempts=task.retry.max_attempts,
+        timeout=task.timeout,
+        logger=masked.logger(f"taskexec.task.{task.handler}"),
+        is_cancelled=cancelled,
+        settings=rt.settings,
+    )
     found: list[str] = []
     started = time.monotonic()
+
+    def ignored_its_limit() -> None:  # the watchdog's record, just before it ends the process
+        message = f"timed out after {task.timeout:g} s (the handler ignored its soft limit)"
+        _failure(rt, run_id, task, attempt, base, _T.TIMED_OUT, message, ctx.metrics, started, detached)
+
     try:
         fn = resolve(task.handler, rt.settings)
-        params, found = secrets.resolve(task.params, task.secret_params)
-        raw = fn(params, inputs, ctx)
+        params, found = secrets.resolve(task.params, task.secret_params, allowed=rt.settings.secrets)
+        masked.secrets = found
+        try:
+            with HandlerTimeLimit(task.timeout, HARD_LIMIT_GRACE, ignored_its_limit):
+                raw = fn(params, inputs, ctx)
+        finally:
+            heartbeat.finishing()
         output = secrets.redact(check_output(raw, rt.settings.max_output_bytes), found)
     except HandlerNotAllowedError as e:
         return _end(rt, run_id, task, attempt, _T.ERROR, ErrorCode.HANDLER_NOT_ALLOWED, e.message, detached)
@@ -389,11 +450,10 @@ def _run_handler(
         log.warning("handler %s of %s/%s raised %s", task.handler, run_id, task.id, type(e).__name__)
         message = secrets.redact(f"{type(e).__name__}: {e}", found)
         return _failure(rt, run_id, task, attempt, base, _T.ERROR, message, ctx.metrics, started, detached)
-    finally:
-        heartbeat.stop()
     metrics = {**ctx.metrics, "duration_seconds": round(time.monotonic() - started, 6)}
     to = _T.VALIDATING if task.validate_ else _T.SUCCEEDED
-    with rt.store.begin() as s:
+
+    def store_output(s: Session) -> tuple[repo.Change | None, bool]:
         repo.record_metrics(s, run_id, task.id, attempt, metrics)
         change = repo.set_task_status(
             s,
@@ -405,13 +465,61 @@ def _run_handler(
             output=output,
             lease_until=None,
         )
-        stopping = _cancelling(s, run_id)
+        return change, _cancelling(s, run_id)
+
+    change, stopping = _patiently(rt, store_output)
     if change is None:  # cancelled, or taken over after this worker's lease ran out
         return Outcome(_record(run_id, task.id, _current(rt, run_id, task.id)))
     events.publish(rt.redis, [change])
     if to is _T.SUCCEEDED:
         return _settled(rt, run_id, task, to, detached, stopping=stopping)
     return Outcome(_record(run_id, task.id, to) | ({"detached": True} if detached else {}))
+
+
+class _Redacting(logging.Filter):
+    """Masks the task's secrets (and their encodings) in what its handler logs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: list[str] = []
+
+    def logger(self, name: str) -> logging.Logger:
+        """A logger of this attempt's own under ``name`` (not registered: nothing global
+        changes), whose records pass through this filter, then to ``name``'s handlers."""
+        parent = logging.getLogger(name)
+        own = logging.Logger(name)
+        own.parent = parent
+        own.addFilter(self)
+        return own
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            record.msg, record.args = secrets.redact(record.getMessage(), self.secrets), None
+            if record.exc_info:
+                text = logging.Formatter().formatException(record.exc_info)
+                record.exc_text, record.exc_info = secrets.redact(text, self.secrets), None
+        return True
+
+
+def _patiently(rt: Runtime, write: Callable[[Session], _W]) -> _W:
+    """Store an attempt's outcome, retried while the store is down (``outcome_wait_seconds``).
+
+    The handler has run: giving up here would run it again. Every write is conditioned on
+    the attempt, so a transaction replayed after a commit whose reply was lost changes
+    nothing the second time.
+    """
+    deadline = time.monotonic() + rt.settings.outcome_wait_seconds
+    delay = 0.2
+    while True:
+        try:
+            with rt.store.begin(wait=max(0.0, deadline - time.monotonic())) as s:
+                return write(s)
+        except DatabaseUnavailableError as e:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("outcome not stored yet, the store is unavailable: %s", e.message)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def _current(rt: Runtime, run_id: str, task_id: str) -> TaskStatus:
@@ -447,8 +555,9 @@ def _await_approval(
 ) -> Outcome:
     """The task waits at an approval gate: no worker holds it; its chord part is done."""
     deadline = utcnow() + timedelta(seconds=ask.timeout) if ask.timeout else None
-    with rt.store.begin() as s:
-        change = repo.set_task_status(
+    change = _patiently(
+        rt,
+        lambda s: repo.set_task_status(
             s,
             run_id,
             task.id,
@@ -462,7 +571,8 @@ def _await_approval(
             output={
                 "approval": {"message": ask.message, "deadline": deadline.isoformat() if deadline else None}
             },
-        )
+        ),
+    )
     if change is None:
         return Outcome(_record(run_id, task.id, _current(rt, run_id, task.id)))
     events.publish(rt.redis, [change])
@@ -482,14 +592,8 @@ def _failure(
     detached: bool,
 ) -> Outcome:
     if metrics is not None:
-        with rt.store.begin() as s:
-            repo.record_metrics(
-                s,
-                run_id,
-                task.id,
-                attempt,
-                {**metrics, "duration_seconds": round(time.monotonic() - started, 6)},
-            )
+        measured = {**metrics, "duration_seconds": round(time.monotonic() - started, 6)}
+        _patiently(rt, lambda s: repo.record_metrics(s, run_id, task.id, attempt, measured))
     used = attempt - base  # attempts of this try (a rerun starts a new one)
     if used >= task.retry.max_attempts:
         return _end(rt, run_id, task, attempt, final, _code(final, used), message, detached)
@@ -497,8 +601,9 @@ def _failure(
     # Redis keeps countdown (ETA) messages in worker memory and delivers them again past the
     # visibility timeout: a backoff longer than half of it waits in the store instead.
     deferred = delay > rt.settings.visibility_timeout / 2
-    with rt.store.begin() as s:
-        change = repo.set_task_status(
+    change = _patiently(
+        rt,
+        lambda s: repo.set_task_status(
             s,
             run_id,
             task.id,
@@ -510,7 +615,8 @@ def _failure(
             not_before=utcnow() + timedelta(seconds=delay),
             deferred=deferred,
             lease_until=None,
-        )
+        ),
+    )
     if change is None:
         return Outcome(_record(run_id, task.id, _current(rt, run_id, task.id)))
     events.publish(rt.redis, [change])
@@ -544,7 +650,8 @@ def _end(
     detached: bool,
 ) -> Outcome:
     """Record a terminal failure, and stop the run when it reaches ``stop.max_failures``."""
-    with rt.store.begin() as s:
+
+    def store_end(s: Session) -> tuple[repo.Change | None, TaskStatus, bool, bool]:
         change = repo.set_task_status(
             s,
             run_id,
@@ -558,12 +665,16 @@ def _end(
             lease_until=None,
         )
         if change is None:
-            return Outcome(_record(run_id, task.id, repo.task_state(s, run_id, task.id).status))
+            return None, repo.task_state(s, run_id, task.id).status, False, False
         _maybe_stop(s, run_id, status)
         notify = status.failure and any(
             "task_failed" in n.events for n in compiled_run(s, run_id).manifest.notify
         )
-        stopping = _cancelling(s, run_id)
+        return change, status, notify, _cancelling(s, run_id)
+
+    change, now_is, notify, stopping = _patiently(rt, store_end)
+    if change is None:
+        return Outcome(_record(run_id, task.id, now_is))
     events.publish(rt.redis, [change])
     if notify:
         send_notice(run_id, "task_failed", task.id)
@@ -589,6 +700,7 @@ def _settled(
 
     ``stopping`` (the run is being cancelled) when the caller read it with its last write.
     """
+    faultpoints.reached("execute.settled")
     if stopping is None:
         with rt.store.begin() as s:
             stopping = _cancelling(s, run_id)

@@ -4,9 +4,12 @@
 ``advance``, ``stage_failed`` and ``reconcile`` on ``control``. Header tasks of a stage's
 chord never raise for a business failure (the outcome is in the store), so the chord
 body always runs; an exception that escapes is an infrastructure failure and reaches
-``stage_failed``. Waits that are not failures (a rate-limit token, a concurrency slot,
-another copy's lease, a backoff) are Celery retries: the message goes back to the broker
-with a countdown and holds no worker slot, and the chord keeps counting it as one part.
+``stage_failed``, which records it on the run: the run goes on, and the reconciler
+carries it past what the failure left behind. Waits that are not failures (a rate-limit
+token, a concurrency slot, another copy's lease, a backoff) are Celery retries: the
+message goes back to the broker with a countdown and holds no worker slot, the chord
+keeps counting it as one part, and the store holds its due time (if the worker holding
+the delayed message dies, the reconciler sends the task again).
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from celery import Task
 from celery.signals import worker_process_init
 from redis.exceptions import LockError
 
+from taskexec import faultpoints
 from taskexec.celery_app import app
-from taskexec.dispatch import compiled_run, dispatch, execute_signature, finalize, release, stage_settled
+from taskexec.dispatch import compiled_run, dispatch, execute_signature, release, stage_settled
 from taskexec.errors import DatabaseUnavailableError, RunNotFoundError, Throttled
 from taskexec.reconcile import LOCK, reconcile
 from taskexec.settings import Settings
+from taskexec.store import repository as repo
 from workers import runner
 
 __all__ = [
@@ -64,6 +69,7 @@ def _after_fork(**_: Any) -> None:
 def _again(task: Task, outcome: runner.Outcome) -> None:
     """Re-queue this message per the outcome (never counts against Celery's max_retries)."""
     assert outcome.again_in is not None
+    faultpoints.reached("execute.delayed")
     raise task.retry(
         countdown=outcome.again_in,
         max_retries=None,
@@ -110,6 +116,7 @@ def validate(self: Task, record: dict[str, Any]) -> dict[str, Any]:
         again = execute_signature(
             app, run_id, task, detached=bool(record.get("detached")), countdown=outcome.again_in
         )
+        faultpoints.reached("validate.delayed")
         raise self.replace(again)
     return outcome.record
 
@@ -152,18 +159,23 @@ def release_held(self: Task, run_id: str) -> None:
         raise self.retry(countdown=STORE_RETRY_SECONDS, max_retries=None, exc=e) from e
 
 
-@app.task(name="taskexec.stage_failed")
-def stage_failed(run_id: str, stage: int) -> None:
-    """Error callback of a stage's chord: end the run ``error`` (or ``cancelled``)."""
+@app.task(name="taskexec.stage_failed", bind=True, max_retries=None, acks_late=True)
+def stage_failed(self: Task, run_id: str, stage: int) -> None:
+    """Error callback of a stage's chord: a part raised, so its body will not run.
+
+    Nothing is lost: every task's state is in the store. The failure is recorded on the
+    run, which stays ``running``; the reconciler finds the stage settled in the store and
+    dispatches what comes next, and takes over any task the failure left running.
+    """
     rt = runtime()
-    log.error("stage %s of run %s failed in the infrastructure", stage, run_id)
-    if finalize(rt.store, run_id, client=rt.redis) is None:
-        finalize(
-            rt.store,
-            run_id,
-            client=rt.redis,
-            error=f"stage {stage} failed in the infrastructure; `taskexec resume {run_id}` recovers it",
-        )
+    what = "a batch of released tasks" if stage < 0 else f"stage {stage}"
+    message = f"the chord of {what} failed in the infrastructure; the reconciler carries the run on"
+    log.error("run %s: %s", run_id, message)
+    try:
+        with rt.store.begin() as s:
+            repo.record_incident(s, run_id, message)
+    except DatabaseUnavailableError as e:
+        raise self.retry(countdown=STORE_RETRY_SECONDS, exc=e) from e
 
 
 @app.task(name="taskexec.reconcile", ignore_result=True)
@@ -173,11 +185,13 @@ def reconcile_fleet() -> None:
     if rt.redis is None:
         return
     settings = rt.settings
-    lock = rt.redis.lock(LOCK, timeout=max(60.0, settings.reconcile_interval * 4), blocking=False)
+    # A round whose worker died frees the lock after four intervals; a round that outlasts it
+    # may overlap the next one, which is harmless (every action is idempotent).
+    lock = rt.redis.lock(LOCK, timeout=max(5.0, settings.reconcile_interval * 4), blocking=False)
     if not lock.acquire():
         return
     try:
-        reconcile(app, rt.store, client=rt.redis, overdue=max(60.0, settings.lease_seconds * 2))
+        reconcile(app, rt.store, client=rt.redis, grace=settings.resend_grace)
     finally:
         with contextlib.suppress(LockError):  # a round longer than the lock's timeout
             lock.release()

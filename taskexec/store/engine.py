@@ -99,13 +99,14 @@ class Store:
         """The store configured by ``settings``; with ``retry``, it rides out database outages."""
         return cls(database_url(settings), retry_seconds=settings.db_retry_seconds if retry else 0.0)
 
-    def _session(self) -> Session:
-        """A session holding a connection, retried with backoff for up to ``retry_seconds``.
+    def _session(self, wait: float | None = None) -> Session:
+        """A session holding a connection, retried with backoff for up to ``wait`` seconds
+        (default ``retry_seconds``).
 
         Only the connect is retried: a transaction that fails half-way is rolled back and
         reported, never replayed here (the caller's step is idempotent and is redelivered).
         """
-        deadline = time.monotonic() + self.retry_seconds
+        deadline = time.monotonic() + (self.retry_seconds if wait is None else wait)
         delay = 0.1
         while True:
             session = self._sessions()
@@ -124,13 +125,18 @@ class Store:
                 delay = min(delay * 2, 2.0)
 
     @contextmanager
-    def begin(self) -> Iterator[Session]:
+    def begin(self, *, wait: float | None = None) -> Iterator[Session]:
         """A session in one transaction: committed on success, rolled back on error.
+
+        Args:
+            wait: How long to keep trying to connect while the database is down (default
+                ``retry_seconds``). A worker holding a finished attempt's outcome waits
+                longer than one that has not started anything yet.
 
         Raises:
             DatabaseUnavailableError: The database cannot be reached (E006).
         """
-        session = self._session()
+        session = self._session(wait)
         try:
             yield session
             session.commit()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, func, insert, or_, select, update
+from sqlalchemy import Table, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -42,13 +42,22 @@ __all__ = [
     "add_run",
     "TaskState",
     "claim_attempt",
+    "Overdue",
+    "bump_epoch",
     "claim_stage",
+    "clear_outbox",
+    "lost_tasks",
+    "mark_outbox",
+    "mark_resent",
+    "overdue_tasks",
+    "set_due",
     "count_failures",
     "count_throttled",
     "get_run",
     "load_manifest",
     "log_line",
     "outputs_of",
+    "record_incident",
     "record_metrics",
     "renew_lease",
     "reopen_tasks",
@@ -440,13 +449,165 @@ def reopen_tasks(session: Session, run_id: str, task_ids: Sequence[str], *, mess
     return changes
 
 
-def count_throttled(session: Session, run_id: str, task_id: str) -> None:
-    """Count one wait of a task for a rate-limit token or a concurrency slot."""
+def count_throttled(session: Session, run_id: str, task_id: str, *, due: datetime | None = None) -> None:
+    """Count one wait of a task for a rate-limit token or a concurrency slot, due at ``due``.
+
+    The due time is the delayed message's: it waits in a worker's memory, and the
+    reconciler sends the task again if it is still waiting well past it (that worker died).
+    """
+    values: dict[str, Any] = {"throttled": _executions.c.throttled + 1}
+    if due is not None:
+        values["not_before"] = due
     session.execute(
-        update(Execution)
-        .where(Execution.run_id == run_id, Execution.task_id == task_id)
-        .values(throttled=Execution.throttled + 1)
+        update(_executions)
+        .where(
+            _executions.c.run_id == run_id,
+            _executions.c.task_id == task_id,
+            _executions.c.status.in_([TaskStatus.QUEUED.value, TaskStatus.RETRYING.value]),
+        )
+        .values(**values)
     )
+
+
+def clear_outbox(session: Session, run_id: str, token: str) -> int:
+    """Mark the messages of one dispatch (``token``) as sent; how many rows it cleared."""
+    stmt = (
+        update(_executions)
+        .where(_executions.c.run_id == run_id, _executions.c.outbox == token)
+        .values(outbox=None)
+    )
+    return int(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+
+
+def set_due(session: Session, run_id: str, due: dict[str, datetime]) -> None:
+    """Record when each listed task's delayed message is due (a paced ETA): executemany."""
+    if due:
+        session.execute(
+            update(_executions)
+            .where(_executions.c.run_id == run_id, _executions.c.task_id == bindparam("tid"))
+            .values(not_before=bindparam("due")),
+            [{"tid": tid, "due": at} for tid, at in due.items()],
+        )
+
+
+def mark_outbox(session: Session, run_id: str, task_ids: Sequence[str], token: str) -> None:
+    """Put queued tasks (being sent again) back in the outbox under ``token``."""
+    for chunk in _chunks(task_ids, 500):
+        session.execute(
+            update(_executions)
+            .where(
+                _executions.c.run_id == run_id,
+                _executions.c.task_id.in_(chunk),
+                _executions.c.status == TaskStatus.QUEUED.value,
+            )
+            .values(outbox=token)
+        )
+
+
+@dataclass(frozen=True)
+class Overdue:
+    """A task whose message is overdue or was never sent, as the reconciler found it."""
+
+    run_id: str
+    task_id: str
+    status: str
+    not_before: datetime | None
+    outbox: str | None
+
+
+def overdue_tasks(session: Session, *, now: datetime, late: datetime, limit: int = 10_000) -> list[Overdue]:
+    """Tasks of running runs whose message no worker will deliver without help.
+
+    A deferred backoff that is due (no message carries it); a delayed message (backoff,
+    token or slot wait, paced ETA) due before ``late`` (the worker holding it died); a row
+    still in the outbox since before ``late`` (its dispatcher never sent it; the caller
+    skips those whose publisher is still at work).
+    """
+    ex = _executions
+    rows = session.execute(
+        select(ex.c.run_id, ex.c.task_id, ex.c.status, ex.c.not_before, ex.c.outbox)
+        .join(_runs, _runs.c.run_id == ex.c.run_id)
+        .where(
+            _runs.c.status == RunStatus.RUNNING.value,
+            or_(
+                and_(
+                    ex.c.status == TaskStatus.RETRYING.value, ex.c.deferred.is_(True), ex.c.not_before <= now
+                ),
+                and_(
+                    ex.c.status.in_([TaskStatus.RETRYING.value, TaskStatus.QUEUED.value]),
+                    ex.c.deferred.is_(False),
+                    ex.c.not_before < late,
+                ),
+                and_(
+                    ex.c.status.in_([TaskStatus.QUEUED.value, TaskStatus.RETRYING.value]),
+                    ex.c.outbox.is_not(None),
+                    ex.c.updated_at < late,
+                ),
+            ),
+        )
+        .limit(limit)
+    )
+    return [Overdue(*row) for row in rows]
+
+
+def mark_resent(session: Session, tasks: Sequence[Overdue], token: str) -> list[str]:
+    """Put overdue tasks in the outbox under ``token``, each unless its row changed since it
+    was found; the ids of those marked (the caller sends those)."""
+    ex = _executions
+    now = utcnow()
+    marked: list[str] = []
+    for task in tasks:
+        stmt = (
+            update(ex)
+            .where(
+                ex.c.run_id == task.run_id,
+                ex.c.task_id == task.task_id,
+                ex.c.status == task.status,
+                ex.c.not_before.is_(None) if task.not_before is None else ex.c.not_before == task.not_before,
+                ex.c.outbox.is_(None) if task.outbox is None else ex.c.outbox == task.outbox,
+            )
+            .values(not_before=None, deferred=False, outbox=token, updated_at=now)
+        )
+        if session.execute(stmt).rowcount:  # type: ignore[attr-defined]
+            marked.append(task.task_id)
+    return marked
+
+
+def lost_tasks(
+    session: Session, *, expired_before: datetime, limit: int = 10_000
+) -> list[tuple[str, str, int]]:
+    """Running tasks of running runs whose store lease ended before ``expired_before``."""
+    rows = session.execute(
+        select(_executions.c.run_id, _executions.c.task_id, _executions.c.attempts)
+        .join(_runs, _runs.c.run_id == _executions.c.run_id)
+        .where(
+            _runs.c.status == RunStatus.RUNNING.value,
+            _executions.c.status == TaskStatus.RUNNING.value,
+            _executions.c.lease_until < expired_before,
+        )
+        .limit(limit)
+    )
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+def bump_epoch(session: Session, run_id: str) -> int:
+    """Start a new dispatch generation of a run (new message ids); the new epoch."""
+    stmt = (
+        update(_runs)
+        .where(_runs.c.run_id == run_id)
+        .values(epoch=_runs.c.epoch + 1, updated_at=utcnow())
+        .returning(_runs.c.epoch)
+    )
+    return int(session.execute(stmt).scalar_one())
+
+
+def record_incident(session: Session, run_id: str, message: str) -> None:
+    """Record an infrastructure failure on a run that goes on (a log line, the run's message).
+
+    The run stays ``running``: the reconciler recovers what the failure left behind.
+    """
+    log_line(session, run_id, None, 0, message, event="incident")
+    session.execute(update(_runs).where(_runs.c.run_id == run_id).values(error_message=message))
 
 
 def claim_stage(session: Session, run_id: str, stage: int) -> bool:

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
@@ -103,6 +104,12 @@ class Execution(Base):
         # The reconciler's scans: running tasks by lease, retrying ones by due time.
         Index("ix_executions_status_lease", "status", "lease_until"),
         Index("ix_executions_status_due", "status", "not_before"),
+        Index(
+            "ix_executions_outbox",
+            "outbox",
+            postgresql_where=text("outbox IS NOT NULL"),
+            sqlite_where=text("outbox IS NOT NULL"),
+        ),
     )
 
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True)
@@ -117,11 +124,17 @@ class Execution(Base):
     throttled: Mapped[int] = mapped_column(Integer, default=0)
     #: Until when the worker running the task holds it; it renews this while it runs.
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    #: A retrying task's next attempt is not due before this.
+    #: When the task's next message is due: a retrying task's backoff, a queued task's
+    #: rate-limit or slot wait, a paced ETA. A message delayed in a worker's memory is lost
+    #: with that worker: the reconciler sends the task again once this is well past.
     not_before: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: True when no Celery message carries the next attempt: the reconciler sends it when due
     #: (backoffs longer than half the visibility timeout, which Redis would deliver twice).
     deferred: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: The publication outbox: the token of the dispatch that queued the row and has not yet
+    #: confirmed its message sent (NULL once sent). A dispatcher that dies between its commit
+    #: and its publish leaves the token: the reconciler sends the task after a grace period.
+    outbox: Mapped[str | None] = mapped_column(String(40))
     output: Mapped[Any | None] = mapped_column(JsonType)
     error_code: Mapped[str | None] = mapped_column(String(8))
     error_message: Mapped[str | None] = mapped_column(Text)

