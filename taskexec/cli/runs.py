@@ -269,11 +269,23 @@ def cancel(run_id: str) -> None:
 @click.argument("run_id", metavar="RUN")
 @user_errors
 def resume(run_id: str) -> None:
-    """Re-dispatch the unfinished part of a run from the store."""
+    """Send again every task of RUN with a message on its way or a worker on it.
+
+    Safe while the run goes on: a task running under a live lease is waited for, never run
+    a second time, and the run's status does not change.
+    """
     settings = Settings()
     needs_fleet(settings, "resume")
-    n = make_client(settings).resume(run_id)
-    click.echo(f"{run_id}: {n} unfinished task(s) dispatched again" if n else f"{run_id}: nothing to resume")
+    with make_client(settings) as client:
+        n = client.resume(run_id)
+        status = client.status(run_id).status if not n else None
+    if n:
+        click.echo(f"{run_id}: {n} in-flight task(s) sent again")
+    elif status is not None and status.terminal:
+        ended = f"the run has ended ({status.value}); nothing to resume"
+        click.echo(f"{run_id}: {ended} (`taskexec retry` runs failed tasks again)")
+    else:
+        click.echo(f"{run_id}: nothing in flight; the run goes on from the store")
 
 
 @click.command(name="runs")

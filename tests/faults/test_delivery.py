@@ -69,19 +69,26 @@ def cli(world: World, *args: str, **env: str) -> subprocess.CompletedProcess[str
 # ---------------------------------------------------------------- Redis restarts
 
 
-def test_redis_restarted_empty_while_a_large_stage_is_published(world: World) -> None:
+@pytest.mark.parametrize("down", [0.0, 4.0], ids=["restarted", "down-4s"])
+def test_redis_restarted_empty_while_a_large_stage_is_published(world: World, down: float) -> None:
     """Issue 13, case 1: the chord body failed mid-publish, the error callback ended the run
-    ``failed`` and cancelled 24 of 50 tasks that never ran. Now the run goes on."""
+    ``failed`` and cancelled 24 of 50 tasks that never ran. Now the run goes on.
+
+    Redis dies while the 100th message of a 300-task stage is being sent: restarted at once
+    (the rest of the chord goes to an empty Redis), or down long enough for the publish to
+    fail (Celery gives up after its publish retries), then back empty.
+    """
     world.fleet.start_many(("executor,validator", 2, "w1"), ("executor", 2, "w2"))
     client, run_id = submit(world, stages(world, [1, 300, 1], delay=0.02))
     wait_until(world.started, 30, "stage 0 running")
     (world.dir / "stall-publish").write_text("100 3")  # the 100th message of stage 1 waits 3 s
     wait_until((world.dir / "stall-publish.fired").exists, 30, "the publication half done")
-    world.redis.restart_empty()  # every message, chord counter and identity key is gone
+    world.redis.stop()  # every message, chord counter and identity key is gone
+    time.sleep(down)
+    world.redis.start()
     result = wait_end(client, run_id, timeout=150)
     invariant(world, result, RunStatus.SUCCEEDED)
     ran_once(world, result)
-    assert resent(world, run_id) >= 1, "the reconciler saw the broker's data lost and sent the tasks again"
     client.close()
 
 
@@ -149,6 +156,7 @@ def test_a_worker_holding_delayed_messages_is_killed(
         world.fleet.start("executor", 2, "e2")
         result = wait_end(client, run_id, timeout=90)
         took = time.monotonic() - killed_at
+        print(f"delayed messages of a killed worker: the run ended {took:.1f} s after the kill")
         invariant(world, result, RunStatus.SUCCEEDED)
         assert took < visibility / 2, f"{took:.1f} s: the held messages came back by the visibility timeout"
         client.close()
