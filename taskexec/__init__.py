@@ -31,6 +31,7 @@ from taskexec.errors import (
     Throttled,
     WorkerLostError,
 )
+from taskexec.handlers import HandlerContext, handler, validator
 from taskexec.models import (
     ErrorCode,
     FlowState,
@@ -50,8 +51,6 @@ from taskexec.models import (
 )
 from taskexec.plan import Plan, load_plan, parse_plan
 from taskexec.settings import Settings
-from workers.handlers.registry import HandlerContext, handler
-from workers.validators import validator
 
 __version__ = "0.1.0"
 

@@ -30,13 +30,13 @@ from taskexec.errors import (
     TaskCancelled,
     TaskFailed,
 )
+from taskexec.handlers import HandlerContext, check_output, handler, validator, worker_settings
 from taskexec.models import PathCriterion, ValidatorCriterion
 from taskexec.settings import Settings
 from workers import netguard, secrets
-from workers.handlers import HandlerContext, check_output, handler, resolve
-from workers.handlers.registry import worker_settings
+from workers.handlers import resolve
 from workers.handlers.shell import INHERITED
-from workers.validators import evaluate, validator
+from workers.validators import evaluate
 
 SETTINGS = Settings(allowed_handlers="shell,http,stub,python:tests,custom")
 #: The test servers listen on loopback: only an operator's TASKEXEC_HTTP_ALLOW lets a request reach them.
@@ -217,7 +217,8 @@ def test_an_unknown_shell_user_fails_the_task() -> None:
 def test_a_worker_that_cannot_switch_users_fails_the_task_and_says_why() -> None:
     """Without CAP_SETUID the command does not start at all: never as the worker's own user."""
     code = (
-        "from taskexec.settings import Settings; from workers.handlers import HandlerContext, resolve\n"
+        "from taskexec.settings import Settings; from taskexec.handlers import HandlerContext\n"
+        "from workers.handlers import resolve\n"
         "s = Settings(shell_user='nobody')\n"
         "try:\n"
         "    resolve('shell', s)({'argv': ['id', '-u']}, {}, HandlerContext('r', 't', settings=s))\n"
@@ -482,7 +483,7 @@ def test_handlers_must_be_allowed_and_found() -> None:
 
 
 def test_an_entry_point_handler_is_looked_up_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    from workers.handlers import registry
+    from workers.handlers import loading as registry
 
     def packaged(params: dict[str, Any], inputs: dict[str, Any], c: HandlerContext) -> dict[str, Any]:
         return {"packaged": True}

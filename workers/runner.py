@@ -71,6 +71,7 @@ from taskexec.errors import (
     TaskCancelled,
     TaskFailed,
 )
+from taskexec.handlers import HandlerContext, check_output
 from taskexec.liveness import alive
 from taskexec.models import ErrorCode, ManifestTask, RunManifest, TaskStatus
 from taskexec.ratelimit import RateLimiter, Slots, bucket_key, holder, slots_key
@@ -80,7 +81,7 @@ from taskexec.store import repository as repo
 from taskexec.store.tables import utcnow
 from workers import secrets
 from workers.artifacts import resolve_inputs
-from workers.handlers import HandlerContext, check_output, load_modules, resolve
+from workers.handlers import load_modules, resolve
 from workers.lease import CancelCheck, Heartbeat
 from workers.timelimit import HandlerTimeLimit
 from workers.validators import evaluate

@@ -102,7 +102,7 @@ def resolve(
     """
     env = os.environ if env is None else env
     if allowed is None:
-        from workers.handlers.registry import worker_settings
+        from taskexec.handlers import worker_settings
 
         allowed = worker_settings().secrets
     rules = list(allowed)

@@ -7,7 +7,8 @@ criterion (E008 once attempts are used up); a criterion that cannot be evaluated
 :class:`~taskexec.errors.CriteriaError` (E007).
 
 A registered validator (``{validator: name, params: {...}}``) is a function
-``fn(output, params) -> bool | (bool, message)`` registered with :func:`validator`.
+``fn(output, params) -> bool | (bool, message)`` registered with
+:func:`taskexec.handlers.validator`; ``nonempty`` is built in.
 
 Example:
     >>> from taskexec.models import PathCriterion
@@ -25,13 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from taskexec.errors import CriteriaError
+from taskexec.handlers import registered_validator, validator
 from taskexec.models import Criterion, PathCriterion, ValidatorCriterion
 
-__all__ = ["CriterionResult", "Validator", "evaluate", "lookup", "validator"]
-
-Validator = Callable[[Any, dict[str, Any]], "bool | tuple[bool, str]"]
-
-_validators: dict[str, Validator] = {}
+__all__ = ["CriterionResult", "evaluate", "lookup"]
 
 _MISSING = object()
 
@@ -49,16 +47,6 @@ class CriterionResult:
 
     passed: bool
     message: str
-
-
-def validator(name: str) -> Callable[[Validator], Validator]:
-    """Register ``fn(output, params) -> bool | (bool, message)`` as the validator ``name``."""
-
-    def register(fn: Validator) -> Validator:
-        _validators[name] = fn
-        return fn
-
-    return register
 
 
 @validator("nonempty")
@@ -122,7 +110,7 @@ def _check(c: PathCriterion, output: Any) -> CriterionResult:
 
 
 def _run_validator(c: ValidatorCriterion, output: Any) -> CriterionResult:
-    fn = _validators.get(c.validator)
+    fn = registered_validator(c.validator)
     if fn is None:
         raise CriteriaError(f"no validator {c.validator!r} is registered on this worker")
     try:

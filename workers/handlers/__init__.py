@@ -1,23 +1,12 @@
-"""Handlers: the registry and the built-ins ``shell``, ``http``, ``stub`` (and ``python:``)."""
+"""The worker's handlers: the built-ins ``shell``, ``http``, ``stub``, ``approval``, and the
+lookup of any handler a task names (:mod:`workers.handlers.loading`).
 
-from workers.handlers.registry import (
-    BUILTINS,
-    Handler,
-    HandlerContext,
-    check_output,
-    handler,
-    load_modules,
-    registered,
-    resolve,
-)
+The contract a handler is written against (``@handler``, ``HandlerContext``) is
+:mod:`taskexec.handlers`; it is re-exported here for handler modules written against the
+earlier layout (``from workers.handlers import handler``).
+"""
 
-__all__ = [
-    "BUILTINS",
-    "Handler",
-    "HandlerContext",
-    "check_output",
-    "handler",
-    "load_modules",
-    "registered",
-    "resolve",
-]
+from taskexec.handlers import HandlerContext, check_output, handler
+from workers.handlers.loading import BUILTINS, load_modules, resolve
+
+__all__ = ["BUILTINS", "HandlerContext", "check_output", "handler", "load_modules", "resolve"]

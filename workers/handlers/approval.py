@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from taskexec.errors import AwaitApproval, ParamsError
-from workers.handlers.registry import HandlerContext, handler
+from taskexec.errors import AwaitApproval
+from taskexec.handlers import HandlerContext, handler, parse_params
 
 __all__ = ["ApprovalParams", "approval"]
 
@@ -40,9 +40,5 @@ class ApprovalParams(BaseModel):
 @handler("approval")
 def approval(params: dict[str, Any], inputs: dict[str, Any], ctx: HandlerContext) -> dict[str, Any]:
     """Ask for a decision: the task waits in ``waiting_approval``."""
-    try:
-        p = ApprovalParams.model_validate(params)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise ParamsError(f"approval param {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    p = parse_params(ApprovalParams, params, "approval")
     raise AwaitApproval(p.message, timeout=p.timeout)

@@ -20,10 +20,10 @@ import urllib.error
 import urllib.request
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from taskexec.errors import DestinationNotAllowedError, ParamsError, RetryableError, TaskFailed
-from workers.handlers.registry import HandlerContext, handler
+from taskexec.errors import DestinationNotAllowedError, RetryableError, TaskFailed
+from taskexec.handlers import HandlerContext, handler, parse_params
 from workers.netguard import Allowance, opener
 
 __all__ = ["HttpParams", "http"]
@@ -58,11 +58,7 @@ def _output(status: int, headers: dict[str, str], body: bytes) -> dict[str, Any]
 @handler("http")
 def http(params: dict[str, Any], inputs: dict[str, Any], ctx: HandlerContext) -> dict[str, Any]:
     """Send the request; the response as the output."""
-    try:
-        p = HttpParams.model_validate(params)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise ParamsError(f"http param {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    p = parse_params(HttpParams, params, "http")
     headers = {"User-Agent": "taskexec", "Idempotency-Key": ctx.idempotency_key, **p.headers}
     data = None
     if p.json_body is not None:

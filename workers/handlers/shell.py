@@ -39,11 +39,11 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from taskexec.errors import ParamsError, RetryableError, TaskCancelled, TaskFailed
+from taskexec.handlers import HandlerContext, handler, parse_params
 from taskexec.settings import Settings
-from workers.handlers.registry import HandlerContext, handler
 
 __all__ = ["INHERITED", "ShellParams", "command_env", "shell"]
 
@@ -136,11 +136,7 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
 @handler("shell")
 def shell(params: dict[str, Any], inputs: dict[str, Any], ctx: HandlerContext) -> dict[str, Any]:
     """Run ``argv`` with the inputs on stdin; fail (retryably) on a non-zero exit."""
-    try:
-        p = ShellParams.model_validate(params)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise ParamsError(f"shell param {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    p = parse_params(ShellParams, params, "shell")
     user = _run_as(ctx.settings)
     task = {
         "TASKEXEC_RUN_ID": ctx.run_id,

@@ -18,10 +18,10 @@ import random
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from taskexec.errors import ParamsError, RetryableError, TaskCancelled
-from workers.handlers.registry import HandlerContext, handler
+from taskexec.errors import RetryableError, TaskCancelled
+from taskexec.handlers import HandlerContext, handler, parse_params
 
 __all__ = ["StubParams", "stub"]
 
@@ -50,11 +50,7 @@ def _wait(seconds: float, ctx: HandlerContext) -> None:
 @handler("stub")
 def stub(params: dict[str, Any], inputs: dict[str, Any], ctx: HandlerContext) -> dict[str, Any]:
     """Wait ``delay`` seconds, then succeed or fail as ``behavior`` says."""
-    try:
-        p = StubParams.model_validate(params)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise ParamsError(f"stub param {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    p = parse_params(StubParams, params, "stub")
     _wait(p.delay, ctx)
     if ctx.attempt <= p.fail_attempts:
         raise RetryableError(f"stub: attempt {ctx.attempt} fails (fail_attempts={p.fail_attempts})")

@@ -1,18 +1,19 @@
-"""The handler registry: names -> functions, the context handlers receive, lookup rules.
+"""The handler contract: what a handler or validator author writes against.
 
 A handler is ``fn(params, inputs, ctx) -> dict``: the task's params, its resolved input
 artifacts and a :class:`HandlerContext`. It returns a JSON object (the task's output).
-It raises :class:`~taskexec.errors.RetryableError` to be retried with backoff,
-:class:`~taskexec.errors.TaskFailed` to fail at once; any other exception is an
-execution error and is retried while attempts remain.
+It raises :class:`RetryableError` to be retried with backoff, :class:`TaskFailed` to fail
+at once; any other exception is an execution error and is retried while attempts remain.
+A validator is ``fn(output, params) -> bool | (bool, message)``, used by a criterion
+``{validator: name, params: {...}}``.
 
-Lookup of a name, in order: handlers registered with :func:`handler` (the built-ins,
-and modules named by ``TASKEXEC_HANDLER_MODULES``), entry points of the group
-``taskexec.handlers``, then ``python:module:function``. Only names the operator allows
-(``TASKEXEC_ALLOWED_HANDLERS``) are ever looked up: a plan never brings code of its own.
+Both register by name in this process (:func:`handler`, :func:`validator`). Which names a
+worker may run, and where else it finds them (built-ins, entry points, ``python:``), is the
+worker's business: :mod:`workers.handlers`. This module imports nothing of the worker side,
+so a handler module (``TASKEXEC_HANDLER_MODULES``) imports only ``taskexec``.
 
 Example:
-    >>> from workers.handlers import handler
+    >>> from taskexec.handlers import handler
     >>> @handler("double")
     ... def double(params, inputs, ctx):
     ...     return {"value": 2 * params["value"]}
@@ -20,37 +21,32 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from taskexec.errors import HandlerNotAllowedError, TaskFailed
+from pydantic import BaseModel, ValidationError
+
+from taskexec.errors import ParamsError, RetryableError, TaskFailed
 from taskexec.settings import Settings
 
 __all__ = [
-    "BUILTINS",
     "MAX_OUTPUT_BYTES",
     "Handler",
     "HandlerContext",
+    "RetryableError",
+    "TaskFailed",
+    "Validator",
     "check_output",
     "handler",
-    "load_modules",
+    "parse_params",
     "registered",
-    "resolve",
+    "registered_validator",
+    "validator",
     "worker_settings",
 ]
-
-#: Built-in handler name -> module that registers it (imported on first use).
-BUILTINS = {
-    "shell": "workers.handlers.shell",
-    "http": "workers.handlers.http",
-    "stub": "workers.handlers.stub",
-    "approval": "workers.handlers.approval",
-}
 
 #: Largest output a handler may return, as JSON, unless the operator sets another.
 MAX_OUTPUT_BYTES = 16 * 1024 * 1024
@@ -122,7 +118,10 @@ class Handler(Protocol):
     def __call__(self, params: dict[str, Any], inputs: dict[str, Any], ctx: HandlerContext) -> Any: ...
 
 
-_registry: dict[str, Handler] = {}
+Validator = Callable[[Any, dict[str, Any]], "bool | tuple[bool, str]"]
+
+_handlers: dict[str, Handler] = {}
+_validators: dict[str, Validator] = {}
 
 
 def handler(name: str) -> Callable[[Handler], Handler]:
@@ -131,72 +130,53 @@ def handler(name: str) -> Callable[[Handler], Handler]:
         raise ValueError(f"a handler name is a plain word, not {name!r}")
 
     def register(fn: Handler) -> Handler:
-        _registry[name] = fn
+        _handlers[name] = fn
         return fn
 
     return register
 
 
 def registered() -> dict[str, Handler]:
-    """The handlers registered so far, by name."""
-    return dict(_registry)
+    """The handlers registered in this process so far, by name."""
+    return dict(_handlers)
 
 
-#: Handlers found through entry points, by name: scanning the installed distributions
-#: takes milliseconds, and a task resolves its handler on every delivery.
-_from_packages: dict[str, Handler] = {}
+def validator(name: str) -> Callable[[Validator], Validator]:
+    """Register ``fn(output, params) -> bool | (bool, message)`` as the validator ``name``."""
 
-
-def _from_entry_points(name: str) -> Handler | None:
-    if name in _from_packages:
-        return _from_packages[name]
-    for ep in entry_points(group="taskexec.handlers", name=name):
-        fn: Handler = ep.load()
-        _from_packages[name] = fn
+    def register(fn: Validator) -> Validator:
+        _validators[name] = fn
         return fn
-    return None
+
+    return register
 
 
-def _from_python(name: str) -> Handler:
-    try:
-        _, module, attr = name.split(":")
-    except ValueError:
-        raise HandlerNotAllowedError(f"{name!r} is not python:module:function") from None
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise HandlerNotAllowedError(f"handler {name!r} cannot be imported: {e}") from None
-    if not callable(fn):
-        raise HandlerNotAllowedError(f"handler {name!r} is not callable")
-    found: Handler = fn
-    return found
+def registered_validator(name: str) -> Validator | None:
+    """The validator registered as ``name`` in this process, if any."""
+    return _validators.get(name)
 
 
-def resolve(name: str, settings: Settings) -> Handler:
-    """The function of an allowed handler.
+_P = TypeVar("_P", bound=BaseModel)
 
-    Raises:
-        HandlerNotAllowedError: The operator does not allow ``name``, or it is not found (E010).
+
+def parse_params(model: type[_P], params: dict[str, Any], handler_name: str) -> _P:
+    """A handler's params checked against its pydantic model; E001 naming the first bad one.
+
+    >>> from pydantic import BaseModel
+    >>> class P(BaseModel):
+    ...     delay: float = 0
+    >>> try:
+    ...     parse_params(P, {"delay": "soon"}, "stub")
+    ... except ParamsError as e:
+    ...     print(e.message)
+    stub param delay: Input should be a valid number, unable to parse string as a number
     """
-    if not settings.handler_allowed(name):
-        raise HandlerNotAllowedError(f"handler {name!r} is not allowed on this worker")
-    if name.startswith("python:"):
-        return _from_python(name)
-    if name not in _registry and name in BUILTINS:
-        importlib.import_module(BUILTINS[name])
-    fn = _registry.get(name) or _from_entry_points(name)
-    if fn is None:
-        raise HandlerNotAllowedError(
-            f"handler {name!r} is allowed but not registered on this worker "
-            "(TASKEXEC_HANDLER_MODULES, or an entry point in group taskexec.handlers)"
-        )
-    return fn
-
-
-def load_modules(settings: Settings) -> None:
-    """Import the operator's handler modules (``TASKEXEC_HANDLER_MODULES``) so they register."""
-    for module in settings.handler_modules:
-        importlib.import_module(module)
+    try:
+        return model.model_validate(params)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(map(str, err["loc"]))
+        raise ParamsError(f"{handler_name} param {where}: {err['msg']}") from None
 
 
 def check_output(value: Any, max_bytes: int = MAX_OUTPUT_BYTES) -> dict[str, Any]:
