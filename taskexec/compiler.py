@@ -477,6 +477,9 @@ def _compile(plan: Plan, settings: Settings, variants: dict[str, dict[str, Any]]
                 pairs_total=exp.pairs_total,
                 pairs_covered=exp.pairs_covered,
                 truncated=exp.truncated,
+                strength=exp.strength or None,
+                effort=task.matrix.effort if task.matrix.strategy == "pairwise" else None,
+                lower_bound=exp.lower_bound,
             )
         )
     names = [node.task.id for node in nodes]

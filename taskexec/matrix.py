@@ -2,22 +2,27 @@
 
 * ``cartesian``: every combination, in declaration order, minus exclusions, at most
   ``max_cases``.
-* ``pairwise``: every reachable pair of values of every two parameters appears in some case,
-  for any number of parameters. The cases come from :mod:`allpairspy` (run on value indexes,
-  so any JSON value works, on two parameter orders, keeping the smaller suite, within a
-  work budget); then every pair is checked and the ones allpairspy missed (it misses some
-  under constraints, and stops at its budget on huge models) get cases built greedily;
-  cases whose every pair another case covers are dropped. ``max_cases`` keeps the cases
-  that cover the most pairs, and the expansion says how many the full suite needs.
+* ``pairwise``: every reachable t-tuple of values (``strength`` t, 2 by default: pairs) of
+  every t parameters appears in some case, for any number of parameters. At strength 2 the
+  first draft comes from :mod:`allpairspy` (run on value indexes, so any JSON value works);
+  at strength 3 and 4 (allpairspy's ``n=3`` suites miss a third to two thirds of the
+  triples), and where allpairspy would spend more than its budget, from a greedy builder. Required cases
+  (``include``) come first, completed by the builder; tuples the draft misses get cases
+  built for them; then :mod:`taskexec.covering` shrinks the suite by post-optimisation,
+  for a budget of steps set by ``effort``, and recounts its coverage from scratch.
+  ``max_cases`` keeps the required cases and then those that cover the most tuples, and
+  the expansion says how many the full suite needs.
 * ``scenario_only``: a single case, the first value of every parameter (the first
   combination, in declaration order, that no exclusion removes).
 
-``exclude`` lists partial assignments that no case may contain. A pair is *reachable* when
+``exclude`` lists partial assignments that no case may contain. A tuple is *reachable* when
 some case holding it escapes every exclusion; a search over the parameters that exclusions
 name, with forward checking, decides it.
 
 Generation is deterministic: the same spec gives the same cases, in the same order. Every
 budget below counts steps, never seconds, so that a plan compiles alike on every machine.
+A matrix whose draft would take more than about 5 s, or too much memory, is refused before
+any work, with its sizes.
 
 Example:
     >>> spec = MatrixSpec(strategy="pairwise", params={"a": [1, 2, 3], "b": [1, 2, 3], "c": [1, 2, 3]})
@@ -31,32 +36,74 @@ import heapq
 import itertools
 import json
 import math
-import operator
+import random
 import threading
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal
 
 from allpairspy import AllPairs, pairs_storage
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["MAX_CASES", "MAX_PAIRS", "Expansion", "MatrixSpec", "expand", "lower_bound"]
+from taskexec.covering import SEED, Constraints, Row, Rule, Suite, Tuples, lower_bound, shrink, verify
+
+__all__ = [
+    "MAX_CASES",
+    "MAX_PAIRS",
+    "MAX_TUPLES",
+    "Effort",
+    "Expansion",
+    "MatrixSpec",
+    "expand",
+    "lower_bound",
+]
 
 #: The most cases one matrix may expand to; beyond it a plan must set ``max_cases``.
 MAX_CASES = 100_000
-#: The most value pairs (pairs of values of two parameters) a pairwise matrix may have.
-#: With MAX_CASES it bounds the time a compile spends on one matrix: 4 s for 7^200 (975,100
-#: pairs, 198 cases) or 300^3 (91,019 cases), 2.4 s for 2^200, 0.9 s for 2^100 here.
-MAX_PAIRS = 1_000_000
-#: allpairspy's share of the work, in units of about 1/6 µs here (2 s): 2^100 (5.4 M),
-#: 4^15 3^17 2^29 or 10^20 fit whole; beyond it allpairspy's cost per case, cubic in the
-#: number of parameters (7^200 would take minutes), is cut and the greedy builder finishes.
-_ALLPAIRS_BUDGET = 12_000_000
+#: The most value t-tuples (pairs at strength 2) a pairwise matrix may have: the counts of a
+#: million tuples take 11 MB, and a change of one cell touches every tuple holding it.
+MAX_TUPLES = 1_000_000
+MAX_PAIRS = MAX_TUPLES  # its name before strength 3 and 4
+#: The most a draft may cost, in seconds of this machine as :func:`_draft_cost` estimates
+#: them, and the memory the search may hold; above either, expand() refuses the matrix.
+MAX_DRAFT_SECONDS = 5.0
+MAX_MEMORY = 512 * 2**20
+#: allpairspy's work per second here, in the units of _allpairs's cost model (fitted on a
+#: dozen shapes; 2^100 costs 5.4 M units in 1.2 s).
+_ALLPAIRS_RATE = 4_500_000
 #: Exclusion checks the completability search may make in one expansion (a few seconds):
 #: partial assignments can encode any satisfiability problem, so some cap is needed.
 _SEARCH_BUDGET = 10_000_000
 
-Row = tuple[int, ...]  # one case as value indexes, in declaration order
+Effort = Literal["fast", "balanced", "thorough"]
+
+
+@dataclass(frozen=True)
+class _Effort:
+    """What one effort level spends: units of work, never seconds (see taskexec.covering.shrink).
+
+    The post-optimiser's budget and its attempt at one deletion grow with the model's
+    tuples, up to a cap: a small model reaches its best size in a few thousand steps and
+    should not idle for the rest (a compile expands every matrix of a plan), a large one
+    needs the cap.
+    """
+
+    allpairs: int  # allpairspy's budget, in its cost model's units (about 4.5 M a second here)
+    shrink: tuple[int, int]  # the post-optimiser's budget: per tuple, cap (about 8 M a second here)
+    attempt: tuple[int, int]  # its work on one deletion before it tries another row: per tuple, cap
+    tries: int  # candidate rows the greedy builder weighs for each row
+
+    def budget(self, tuples: int) -> tuple[int, int]:
+        """The post-optimiser's budget and attempt for a model of ``tuples`` tuples."""
+        return min(self.shrink[0] * tuples, self.shrink[1]), min(self.attempt[0] * tuples, self.attempt[1])
+
+
+_EFFORTS: dict[str, _Effort] = {
+    "fast": _Effort(allpairs=2_000_000, shrink=(20, 500_000), attempt=(10, 200_000), tries=1),
+    "balanced": _Effort(allpairs=6_000_000, shrink=(400, 4_000_000), attempt=(150, 1_500_000), tries=1),
+    "thorough": _Effort(
+        allpairs=12_000_000, shrink=(30_000, 200_000_000), attempt=(2_000, 12_000_000), tries=2
+    ),
+}
 
 
 class MatrixSpec(BaseModel):
@@ -65,28 +112,41 @@ class MatrixSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     strategy: Literal["pairwise", "cartesian", "scenario_only"] = "pairwise"
-    # At most 200 parameters: _Coverage.gains counts in byte lanes, which hold up to 255.
+    # At most 200 parameters: Tuples.gains counts in byte lanes, which hold up to 255.
     params: dict[str, Annotated[list[Any], Field(min_length=1, max_length=10_000)]] = Field(
         min_length=1, max_length=200
     )
     exclude: list[dict[str, Any]] = Field(
         default_factory=list, description="partial assignments that no case may contain"
     )
+    include: list[dict[str, Any]] = Field(
+        default_factory=list,
+        max_length=10_000,
+        description="pairwise: cases the suite must contain, complete or partial (the rest is filled in)",
+    )
+    strength: int = Field(2, ge=2, le=4, description="pairwise: the t of the t-tuples every case set covers")
+    effort: Effort = Field("balanced", description="pairwise: time traded for a smaller suite")
     max_cases: int | None = Field(None, ge=1, le=MAX_CASES)
 
     @model_validator(mode="after")
-    def _exclusions_name_values(self) -> MatrixSpec:
+    def _entries_name_values(self) -> MatrixSpec:
         keys = {name: {_key(v) for v in values} for name, values in self.params.items()}
-        for k, entry in enumerate(self.exclude):
-            if not entry:
-                raise ValueError(f"exclude[{k}] is empty: it would exclude every case")
-            for name, value in entry.items():
-                if name not in keys:
-                    raise ValueError(f"exclude[{k}] names {name!r}, which is not a matrix parameter")
-                # An entry with a value the matrix lacks would silently exclude nothing: it is
-                # almost always a typo (or 0.0 for 0), so it is an error, not a no-op.
-                if _key(value) not in keys[name]:
-                    raise ValueError(f"exclude[{k}].{name}: {value!r} is not a value of {name!r}")
+        for field in ("exclude", "include"):
+            for k, entry in enumerate(getattr(self, field)):
+                if not entry:
+                    why = "it would exclude every case" if field == "exclude" else "it requires nothing"
+                    raise ValueError(f"{field}[{k}] is empty: {why}")
+                for name, value in entry.items():
+                    if name not in keys:
+                        raise ValueError(f"{field}[{k}] names {name!r}, which is not a matrix parameter")
+                    # An entry with a value the matrix lacks would silently do nothing: it is
+                    # almost always a typo (or 0.0 for 0), so it is an error, not a no-op.
+                    if _key(value) not in keys[name]:
+                        raise ValueError(f"{field}[{k}].{name}: {value!r} is not a value of {name!r}")
+        if self.strategy != "pairwise":
+            for field in ("include", "strength", "effort"):
+                if field in self.model_fields_set:
+                    raise ValueError(f"{field} applies to strategy pairwise only")
         return self
 
 
@@ -97,11 +157,15 @@ class Expansion:
     Attributes:
         cases: The cases, each a dict of parameter name to value.
         cartesian: The size of the full cartesian product (before exclusions).
-        pairs_total: Pairwise only: the reachable value pairs (one parameter: values).
-        pairs_covered: Pairwise only: the pairs the kept cases cover.
+        pairs_total: Pairwise only: the reachable value t-tuples (pairs at strength 2; one
+            parameter: values).
+        pairs_covered: Pairwise only: the t-tuples the kept cases cover.
         truncated: Whether ``max_cases`` cut the cases.
         cases_needed: Pairwise only: the cases of the full-coverage suite, which is more
             than ``len(cases)`` when ``truncated``.
+        strength: Pairwise only: the t of the t-tuples (at most the number of parameters).
+        lower_bound: Pairwise only: the fewest cases any full suite can have (the most
+            reachable tuples over any t parameters).
     """
 
     cases: list[dict[str, Any]]
@@ -110,6 +174,8 @@ class Expansion:
     pairs_covered: int = 0
     truncated: bool = False
     cases_needed: int = 0
+    strength: int = 0
+    lower_bound: int = 0
 
 
 def _key(value: Any) -> str:
@@ -119,201 +185,32 @@ def _key(value: Any) -> str:
 
 
 class _Space:
-    """The matrix as value indexes, with exclusions compiled to index constraints.
-
-    Only parameters that some exclusion names can keep a partial row from becoming a case,
-    so :meth:`completable` searches over those alone, and remembers its answers: the search
-    that fills a row then never backtracks past one value, whatever sits in between.
-    """
+    """The matrix as value indexes: exclusions and required cases compiled to indexes."""
 
     def __init__(self, spec: MatrixSpec) -> None:
         self.names = list(spec.params)
         self.values = [spec.params[n] for n in self.names]
         self.sizes = [len(v) for v in self.values]
         keys = [[_key(v) for v in vals] for vals in self.values]
-        # rule: {param index: the value indexes it matches}; a case matching every key is excluded.
-        self.rules: list[dict[int, frozenset[int]]] = []
-        for entry in spec.exclude:
-            rule = {}
+
+        def indexes(entry: dict[str, Any]) -> dict[int, frozenset[int]]:
+            out = {}
             for name, value in entry.items():
                 i = self.names.index(name)
-                rule[i] = frozenset(k for k, key in enumerate(keys[i]) if key == _key(value))
-            self.rules.append(rule)
-        self.constrained = sorted({i for rule in self.rules for i in rule})
-        self.is_constrained = [i in self.constrained for i in range(len(self.names))]
-        self._memo: dict[tuple[int | None, ...], bool] = {}
-        self._work_left = _SEARCH_BUDGET
+                out[i] = frozenset(k for k, key in enumerate(keys[i]) if key == _key(value))
+            return out
 
-    def allowed(self, row: Sequence[int]) -> bool:
-        """Whether no exclusion matches a complete row."""
-        return not any(all(row[i] in vs for i, vs in rule.items()) for rule in self.rules)
+        rules: list[Rule] = [indexes(entry) for entry in spec.exclude]
+        self.cons = Constraints(self.sizes, rules, _SEARCH_BUDGET)
+        # A required value that the matrix lists twice (equal JSON) takes its first index.
+        self.include = [{i: min(vs) for i, vs in indexes(entry).items()} for entry in spec.include]
 
-    def viable(self, row: Sequence[int | None]) -> bool:
-        """Whether a partial row matches no exclusion and leaves every free parameter a value.
-
-        The second half is forward checking: an exclusion whose other keys all match bans
-        its values of the one free key, and a parameter left with no value dooms the row.
-        """
-        banned: dict[int, set[int]] = {}
-        for rule in self.rules:
-            free = -1
-            for i, vs in rule.items():
-                v = row[i]
-                if v is None:
-                    if free >= 0:
-                        break
-                    free = i
-                elif v not in vs:
-                    break
-            else:
-                if free < 0:
-                    return False
-                ban = banned.setdefault(free, set())
-                ban |= rule[free]
-                if len(ban) == self.sizes[free]:
-                    return False
-        return True
-
-    def completable(self, row: Sequence[int | None]) -> bool:
-        """Whether some case (a complete row no exclusion matches) extends a partial row.
-
-        Raises:
-            ValueError: The search spent its budget: partial assignments can encode any
-                satisfiability problem, so the answer may take exponential time.
-        """
-        if not self.rules:
-            return True
-        key = tuple(row[i] for i in self.constrained)
-        found = self._memo.get(key)
-        if found is None:
-            free = [i for i in self.constrained if row[i] is None]
-            found = self._memo[key] = self._extend(list(row), free, 0)
-        return found
-
-    def _extend(self, row: list[int | None], free: list[int], depth: int) -> bool:
-        self._work_left -= len(self.rules)
-        if self._work_left < 0:
-            raise ValueError("the exclusions are too intricate to search for cases")
-        if not self.viable(row):
-            return False
-        if depth == len(free):
-            return True
-        i = free[depth]
-        for v in range(self.sizes[i]):
-            row[i] = v
-            if self._extend(row, free, depth + 1):
-                return True
-        row[i] = None
-        return False
-
-    def rows(
-        self,
-        row: list[int | None],
-        order: Sequence[int],
-        rank: Callable[[int], Iterable[int]],
-        depth: int = 0,
-    ) -> Generator[Row, None, None]:
-        """The cases extending ``row`` (completable), filling ``order`` in turn, values by ``rank``.
-
-        Only values that keep the row completable are taken, so every step leads to a case.
-        ``row`` is a work area: each position is reset when the generator moves on or closes.
-        """
-        if depth == len(order):
-            yield cast(Row, tuple(row))  # every position is set by now
-            return
-        pos = order[depth]
-        try:
-            for v in rank(pos):
-                row[pos] = v
-                if not self.is_constrained[pos] or self.completable(row):
-                    yield from self.rows(row, order, rank, depth + 1)
-        finally:
-            row[pos] = None
-
-    def in_order(self, pos: int) -> range:
-        """Values of ``pos`` in declaration order: the cartesian and scenario_only rank."""
-        return range(self.sizes[pos])
-
-    def case(self, row: Sequence[int]) -> dict[str, Any]:
+    def case(self, row: Row) -> dict[str, Any]:
         return {n: self.values[i][v] for i, (n, v) in enumerate(zip(self.names, row, strict=True))}
 
     @property
     def cartesian(self) -> int:
         return math.prod(self.sizes)
-
-
-class _Coverage:
-    """How many rows hold each value pair, in one flat list.
-
-    The pair (i, a, j, b) with i < j sits at ``base[i][j] + a * sizes[j] + b``: a list of
-    ints is several times smaller and faster than a set of tuples at a million pairs.
-    """
-
-    def __init__(self, sizes: Sequence[int]) -> None:
-        self.sizes = list(sizes)
-        n = len(sizes)
-        self.base = [[0] * n for _ in range(n)]
-        total = 0
-        for i, j in itertools.combinations(range(n), 2):
-            self.base[i][j] = total
-            total += sizes[i] * sizes[j]
-        self.count = [0] * total
-        self.uncovered = bytearray(b"\x01") * total  # count == 0, as bytes for C-speed scans
-        # deg[i][a]: uncovered pairs holding value a of parameter i. The greedy builder breaks
-        # ties by it (AETG's rule): without it every tie went to value 0, and a 2^100 model
-        # took 67 cases instead of 16.
-        self.deg = [[sum(sizes) - s] * s for s in sizes]
-
-    def indexes(self, row: Sequence[int]) -> list[int]:
-        """The pairs of a row."""
-        sizes, n = self.sizes, len(row)
-        out: list[int] = []
-        for i in range(n - 1):
-            base, a = self.base[i], row[i]
-            out.extend(base[j] + a * sizes[j] + row[j] for j in range(i + 1, n))
-        return out
-
-    def add(self, row: Sequence[int]) -> None:
-        """Count a row's pairs."""
-        count, sizes, deg, n = self.count, self.sizes, self.deg, len(row)
-        for i in range(n - 1):
-            base, a, di = self.base[i], row[i], deg[i]
-            for j in range(i + 1, n):
-                k = base[j] + a * sizes[j] + row[j]
-                if not count[k]:
-                    self.uncovered[k] = 0
-                    di[a] -= 1
-                    deg[j][row[j]] -= 1
-                count[k] += 1
-
-    def pair(self, k: int) -> tuple[int, int, int, int]:
-        """The (i, a, j, b) at flat index ``k``; only for the rare pair that needs a case built."""
-        for i, j in itertools.combinations(range(len(self.sizes)), 2):
-            lo = self.base[i][j]
-            if lo <= k < lo + self.sizes[i] * self.sizes[j]:
-                a, b = divmod(k - lo, self.sizes[j])
-                return i, a, j, b
-        raise IndexError(k)
-
-    def gains(self, pos: int, row: Sequence[int | None]) -> bytes:
-        """For each value of ``pos``: the uncovered pairs it would form with the fixed values.
-
-        The flags of one fixed parameter's partners are a byte slice; read as one big integer
-        and summed, the slices add up in every byte lane at once. A lane holds at most 199
-        (the other parameters), so it never carries into the next.
-        """
-        size, sizes, flags = self.sizes[pos], self.sizes, self.uncovered
-        total = 0
-        for j, b in enumerate(row):
-            if b is None:
-                continue
-            if j < pos:
-                lo = self.base[j][pos] + b * size
-                total += int.from_bytes(flags[lo : lo + size], "little")
-            else:
-                lo = self.base[pos][j] + b
-                total += int.from_bytes(flags[lo : lo + size * sizes[j] : sizes[j]], "little")
-        return total.to_bytes(size, "little")
 
 
 # allpairspy memoises every value combination it meets in a module-level dict
@@ -329,35 +226,37 @@ class _OutOfBudget(Exception):
     """allpairspy spent its budget: keep the cases it built so far."""
 
 
-def _allpairs(space: _Space, order: list[int], budget: int) -> tuple[list[Row], int, bool]:
+def _allpairs_unit(k: int, size: int) -> int:
+    # allpairspy offers no hook, so its work is counted from outside. Choosing the k-th value
+    # weighs every candidate against the k-1 chosen ones, then sorts them: a fit of its run
+    # time over a dozen model shapes gives size * (k^2/2 + 1.6 k + 12 + 0.7 log2 size), within 15%.
+    return size * (k * k + 3 * k + 24 + size.bit_length()) // 2
+
+
+def _allpairs(cons: Constraints, order: list[int], budget: int) -> tuple[list[Row], int, bool]:
     """allpairspy's suite with the parameters in ``order``, as rows in declaration order.
 
     Returns:
         The rows, the work spent and whether allpairspy finished within ``budget``.
     """
-    sizes = [space.sizes[i] for i in order]
+    sizes = [cons.sizes[i] for i in order]
     n = len(order)
     spent = 0
-    check_cost = 3 * sum(len(rule) for rule in space.rules)  # completable() below, in these units
+    check_cost = 3 * sum(len(rule) for rule in cons.rules)  # completable() below, in these units
 
     def viable(partial: list[int]) -> bool:
         nonlocal spent
-        # allpairspy offers no hook, so its work is counted here. Choosing the k-th value
-        # weighs every candidate against the k-1 chosen ones, then sorts them: a fit of its
-        # run time over a dozen model shapes gives size * (k^2/2 + 1.6 k + 12 + 0.7 log2 size)
-        # at about 6 million units per second, within 15%.
-        k, s = len(partial), sizes[len(partial) - 1]
-        spent += s * (k * k + 3 * k + 24 + s.bit_length()) // 2 + check_cost
+        spent += _allpairs_unit(len(partial), sizes[len(partial) - 1]) + check_cost
         if spent > budget:
             raise _OutOfBudget
-        if not space.rules:
+        if not cons.rules:
             return True
         row: list[int | None] = [None] * n
         for pos, v in enumerate(partial):
             row[order[pos]] = v
         # Completability, not just "no exclusion matched yet": allpairspy backtracks one
         # parameter at a time, exponentially, out of a prefix that only looks viable.
-        return space.completable(row)
+        return cons.completable(row)
 
     rows: list[Row] = []
     complete = True
@@ -375,141 +274,55 @@ def _allpairs(space: _Space, order: list[int], budget: int) -> tuple[list[Row], 
     return rows, spent, complete
 
 
-def _pairwise(space: _Space) -> tuple[list[Row], _Coverage, int]:
-    """A pairwise suite, its coverage, and the number of reachable pairs."""
-    n = len(space.sizes)
-    declared = list(range(n))
-    rows, spent, complete = _allpairs(space, declared, _ALLPAIRS_BUDGET)
-    # allpairspy is greedy in parameter order: largest domains first often gives a smaller
-    # suite. Tried only when the first run left room for a second one as long.
-    by_size = sorted(declared, key=lambda i: -space.sizes[i])
-    if by_size != declared and complete and 2 * spent <= _ALLPAIRS_BUDGET:
-        other, _, done = _allpairs(space, by_size, _ALLPAIRS_BUDGET - spent)
-        if done and len(other) < len(rows):
-            rows = other
-    # allpairspy's last word is only checked on complete rows: drop any it got wrong.
-    rows = [r for r in rows if space.allowed(r)]
-    suite, cov, total, added = _complete(space, rows)
-    if complete and added:
-        # allpairspy missed pairs (exclusions): patching its suite often takes more cases
-        # than building one greedily from scratch, which costs less than allpairspy did.
-        alone = _complete(space, [])
-        if len(alone[0]) < len(suite):
-            suite, cov, total, _ = alone
-    return suite, cov, total
+def _tuple_count(sizes: list[int], t: int) -> int:
+    """The value t-tuples of a model: the t-th elementary symmetric sum of its sizes."""
+    e = [1] + [0] * t
+    for s in sizes:
+        for j in range(t, 0, -1):
+            e[j] += e[j - 1] * s
+    return e[t]
 
 
-def _complete(space: _Space, rows: list[Row]) -> tuple[list[Row], _Coverage, int, int]:
-    """``rows`` plus cases for the reachable pairs they miss, minus redundant cases.
+def _draft_cost(sizes: list[int], t: int, effort: _Effort) -> tuple[int, float, bool]:
+    """Before any work: the draft's rows and seconds (estimated), and whether allpairspy makes it.
 
-    Returns:
-        The suite, its coverage, the number of reachable pairs and of cases added.
+    Rows: the lower bound times ln(parameters), within 30% of what greedy builders give on
+    the benchmark's models. Seconds: allpairspy's cost model at strength 2 when it fits its
+    budget, else the greedy builder's: for each row, each column weighs its values against
+    every (t-1)-set of the columns set before it, in byte lanes at strength 2 (5^200: 11.6 s
+    measured, 10.7 estimated, two tries a row), one tuple at a time above (2^16 at strength
+    4: 1.6 s, 3^13 at strength 3: 0.4 s).
     """
-    rows = list(rows)
-    cov = _Coverage(space.sizes)
-    for r in rows:
-        cov.add(r)
-    # Verify: every uncovered pair gets a case built for it, or is proven unreachable.
-    count, total, k = cov.count, len(cov.count), 0
-    unreachable, added = 0, 0
-    while (k := cov.uncovered.find(1, k)) >= 0:  # C-speed scan to the next uncovered pair
-        row = _build(space, cov, cov.pair(k))
-        if row is None:
-            unreachable += 1
-            k += 1
-            continue
-        rows.append(row)
-        cov.add(row)
-        added += 1
-        if len(rows) > MAX_CASES:  # stop early: the suite is refused anyway
-            raise ValueError(f"the pairwise suite needs more than {MAX_CASES} cases, the limit")
-
-    # Drop cases whose every pair some other case covers (latest first, so the suite keeps
-    # allpairspy's early, dense cases and sheds the repair's overlap).
-    kept: list[Row] = []
-    for row in reversed(rows):
-        idx = cov.indexes(row)
-        if idx and all(count[i] > 1 for i in idx):
-            for i in idx:
-                count[i] -= 1
-        else:
-            kept.append(row)
-    kept.reverse()
-    return kept, cov, total - unreachable, added
-
-
-def _build(space: _Space, cov: _Coverage, pair: tuple[int, int, int, int]) -> Row | None:
-    """A case holding ``pair``, other values chosen to cover the most uncovered pairs.
-
-    Returns None when no case can hold the pair: the exclusions make it unreachable.
-    """
-    i, a, j, b = pair
-    row: list[int | None] = [None] * len(space.sizes)
-    row[i], row[j] = a, b
-    if not space.completable(row):
-        return None
-    top = sum(space.sizes)  # above any degree: gains first, degree breaks ties
-
-    def rank(pos: int) -> Iterator[int]:
-        gains = cov.gains(pos, row)
-        score = list(map(operator.add, map(operator.mul, gains, itertools.repeat(top)), cov.deg[pos]))
-        best = max(range(len(score)), key=score.__getitem__)
-        yield best
-        # Only an exclusion refusing ``best`` asks for more: sort the rest only then.
-        yield from (v for v in sorted(range(len(score)), key=lambda v: -score[v]) if v != best)
-
-    found = space.rows(row, [p for p in range(len(space.sizes)) if p not in (i, j)], rank)
-    try:
-        return next(found)
-    finally:
-        found.close()
-
-
-def _most_covering(rows: list[Row], cov: _Coverage, limit: int) -> tuple[list[Row], int]:
-    """The ``limit`` rows that cover the most pairs, picked greedily, and the pairs they cover.
-
-    Coverage is submodular: a row's gain only falls as rows are picked, so a popped row whose
-    fresh gain still tops the heap is the greedy choice without re-scoring the others.
-    """
-    seen = bytearray(len(cov.count))
-    n = len(rows[0])
-    heap = [(-n * (n - 1) // 2, r) for r in range(len(rows))]  # every row's gain bound
-    picked: list[Row] = []
-    covered = 0
-    while heap and len(picked) < limit:
-        _, r = heapq.heappop(heap)
-        fresh = [i for i in cov.indexes(rows[r]) if not seen[i]]
-        if heap and len(fresh) < -heap[0][0]:
-            heapq.heappush(heap, (-len(fresh), r))
-            continue
-        for i in fresh:
-            seen[i] = 1
-        covered += len(fresh)
-        picked.append(rows[r])
-    return picked, covered
-
-
-def lower_bound(sizes: Sequence[int]) -> int:
-    """The fewest cases any pairwise suite can have: the product of the two largest sizes."""
-    top = sorted(sizes, reverse=True)[:2]
-    return math.prod(top)
+    k = len(sizes)
+    rows = max(lower_bound(sizes, t), round(lower_bound(sizes, t) * math.log(k)))
+    if t == 2:
+        per_row = sum(_allpairs_unit(p + 1, s) for p, s in enumerate(sizes))
+        if rows * per_row <= effort.allpairs:
+            return rows, rows * per_row / _ALLPAIRS_RATE, True
+    if t == 2:
+        per_row = sum(12 * p + 4 * s for p, s in enumerate(sizes))
+    else:
+        per_row = sum(math.comb(p, t - 1) * (4 * t + s) for p, s in enumerate(sizes)) * 10 // 3
+    return rows, rows * per_row * effort.tries / 6_000_000, False
 
 
 def expand(spec: MatrixSpec) -> Expansion:
     """The cases of a matrix.
 
     Raises:
-        ValueError: The matrix is above a limit, its exclusions remove every case, or they
-            are too intricate to search.
+        ValueError: The matrix is above a limit, its exclusions remove every case or a
+            required case, or they are too intricate to search.
     """
     space = _Space(spec)
+    cons = space.cons
     limit = spec.max_cases
-    if not space.completable([None] * len(space.sizes)):
+    if not cons.completable([None] * len(space.sizes)):
         raise ValueError("the exclusions remove every case")
     if spec.strategy in ("scenario_only", "cartesian"):
         cap = 1 if spec.strategy == "scenario_only" else (limit or MAX_CASES)
-        if space.rules:
-            found = space.rows([None] * len(space.sizes), range(len(space.sizes)), space.in_order)
+        if cons.rules:
+            ordered = space.sizes.__getitem__  # values in declaration order
+            found = cons.rows([None] * len(space.sizes), range(len(space.sizes)), lambda p: range(ordered(p)))
             rows = list(itertools.islice(found, cap + 1))
             found.close()
         else:
@@ -521,22 +334,33 @@ def expand(spec: MatrixSpec) -> Expansion:
         if len(rows) > cap and limit is None:
             raise ValueError(
                 f"the cartesian product has {space.cartesian} cases, above the limit of {MAX_CASES}"
-                f"{' (before exclusions)' if space.rules else ''}: set max_cases or use strategy pairwise"
+                f"{' (before exclusions)' if cons.rules else ''}: set max_cases or use strategy pairwise"
             )
         truncated = len(rows) > cap
         return Expansion([space.case(r) for r in rows[:cap]], space.cartesian, truncated=truncated)
+    return _pairwise(spec, space)
 
-    sizes = space.sizes
-    pairs = (sum(sizes) ** 2 - sum(k * k for k in sizes)) // 2
-    if pairs > MAX_PAIRS:
-        raise ValueError(f"the matrix has {pairs} value pairs, above the pairwise limit of {MAX_PAIRS}")
-    if not space.rules and lower_bound(sizes) > MAX_CASES:
-        raise ValueError(
-            f"a pairwise suite of this matrix needs at least {lower_bound(sizes)} cases, "
-            f"above the limit of {MAX_CASES}: use strategy cartesian with max_cases"
-        )
-    if len(sizes) == 1:  # no pairs: every value once
-        rows = [(v,) for v in range(sizes[0]) if space.allowed((v,))]
+
+def _pairwise(spec: MatrixSpec, space: _Space) -> Expansion:
+    sizes, cons, limit = space.sizes, space.cons, spec.max_cases
+    t = min(spec.strength, len(sizes))
+    effort = _EFFORTS[spec.effort]
+    required: list[list[int | None]] = []
+    for k, entry in enumerate(space.include):
+        partial: list[int | None] = [None] * len(sizes)
+        for i, v in entry.items():
+            partial[i] = v
+        if not cons.completable(partial):
+            hit = [j for j, rule in enumerate(cons.rules) if all(partial[i] in vs for i, vs in rule.items())]
+            why = f"matches exclude[{hit[0]}]" if hit else "cannot be completed into an allowed case"
+            raise ValueError(f"include[{k}] {spec.include[k]} {why}")
+        required.append(partial)
+    if limit is not None and len(required) > limit:
+        raise ValueError(f"include has {len(required)} cases, above max_cases ({limit})")
+    if t == 1:  # one parameter, no pairs: every value once
+        want = sorted({v for p in required for v in p if v is not None})
+        rows: list[Row] = [(v,) for v in want]
+        rows += [(v,) for v in range(sizes[0]) if v not in want and cons.allowed((v,))]
         kept = rows[:limit] if limit else rows
         return Expansion(
             [space.case(r) for r in kept],
@@ -545,24 +369,109 @@ def expand(spec: MatrixSpec) -> Expansion:
             pairs_covered=len(kept),
             truncated=len(kept) < len(rows),
             cases_needed=len(rows),
+            strength=1,
+            lower_bound=len(rows),
         )
-    rows, cov, total = _pairwise(space)
-    if not rows:
-        raise ValueError("the exclusions remove every case")
-    if len(rows) > (limit or MAX_CASES):
+
+    _check_size(sizes, t, effort, bool(cons.rules))
+    tuples = Tuples(sizes, t)
+    suite = Suite(tuples, cons)
+    rng = random.Random(SEED)
+    for partial in required:
+        made = suite.build(partial, rng, effort.tries)
+        assert made is not None  # completable, checked above
+        suite.add(made, locked=frozenset(i for i, v in enumerate(partial) if v is not None))
+    _, _, fits = _draft_cost(sizes, t, effort)
+    if fits:
+        declared = list(range(len(sizes)))
+        rows, spent, complete = _allpairs(cons, declared, effort.allpairs)
+        # allpairspy is greedy in parameter order: largest domains first often gives a
+        # smaller suite. Tried only when the first run left room for a second one as long.
+        by_size = sorted(declared, key=lambda i: -sizes[i])
+        if by_size != declared and complete and 2 * spent <= effort.allpairs:
+            other, _, done = _allpairs(cons, by_size, effort.allpairs - spent)
+            if done and len(other) < len(rows):
+                rows = other
+        for r in rows:
+            if cons.allowed(r):  # allpairspy's last word is only checked on complete rows
+                suite.add(r)
+    suite.complete(rng, limit=MAX_CASES, tries=effort.tries)
+    # The most reachable tuples over any t parameters: each needs its own case.
+    floor = max(suite.need[b:e].count(1) for b, e in itertools.pairwise([*tuples.base, tuples.total]))
+    # Required cases were added first and are never deleted, so they lead, in their order.
+    ordered = shrink(suite, *effort.budget(tuples.total), floor, rng)
+    total, held = verify(tuples, cons, ordered)
+    if held != total:
+        raise AssertionError(f"coverage {held}/{total}: a bug in taskexec.matrix")
+    if len(ordered) > (limit or MAX_CASES):
         if limit is None:
-            raise ValueError(f"the pairwise suite has {len(rows)} cases, above the limit of {MAX_CASES}")
-        kept, covered = _most_covering(rows, cov, limit)
+            raise ValueError(f"the pairwise suite has {len(ordered)} cases, above the limit of {MAX_CASES}")
+        kept, covered = _most_covering(ordered, len(required), tuples, limit)
     else:
-        kept = rows
-        covered = len(cov.count) - cov.count.count(0)
-        if covered != total:  # the repair loop above covers every reachable pair by construction
-            raise AssertionError(f"pairwise coverage {covered}/{total}: a bug in taskexec.matrix")
+        kept, covered = ordered, held
     return Expansion(
         [space.case(r) for r in kept],
         space.cartesian,
         pairs_total=total,
         pairs_covered=covered,
-        truncated=len(kept) < len(rows),
-        cases_needed=len(rows),
+        truncated=len(kept) < len(ordered),
+        cases_needed=len(ordered),
+        strength=t,
+        lower_bound=floor,
     )
+
+
+def _check_size(sizes: list[int], t: int, effort: _Effort, constrained: bool) -> None:
+    """Refuse, before any work, a matrix above the tuple, case, time or memory limits."""
+    what = f"{len(sizes)} parameters, {sum(sizes)} values"
+    count = _tuple_count(sizes, t)
+    kind = "pairs" if t == 2 else f"{t}-tuples"
+    if count > MAX_TUPLES:
+        name = "pairwise" if t == 2 else f"strength-{t}"
+        raise ValueError(
+            f"the matrix has {count} value {kind}, above the {name} limit of {MAX_TUPLES} "
+            f"({what}): lower the strength or split the matrix"
+        )
+    bound = lower_bound(sizes, t)
+    if not constrained and bound > MAX_CASES:
+        raise ValueError(
+            f"a suite of strength {t} of this matrix needs at least {bound} cases, "
+            f"above the limit of {MAX_CASES}: use strategy cartesian with max_cases"
+        )
+    rows, seconds, _ = _draft_cost(sizes, t, effort)
+    memory = count * 12 + math.comb(len(sizes), t) * (200 + 8 * rows)
+    if seconds > MAX_DRAFT_SECONDS or memory > MAX_MEMORY:
+        raise ValueError(
+            f"a first draft of this matrix ({what}, {count} value {kind}, about {rows} cases) "
+            f"would take about {seconds:.0f} s and {memory / 2**20:.0f} MiB, above the limits of "
+            f"{MAX_DRAFT_SECONDS:.0f} s and {MAX_MEMORY // 2**20} MiB: lower the strength or split the matrix"
+        )
+
+
+def _most_covering(rows: list[Row], keep: int, tuples: Tuples, limit: int) -> tuple[list[Row], int]:
+    """The first ``keep`` rows, then those that cover the most tuples, picked greedily, up to ``limit``.
+
+    Coverage is submodular: a row's gain only falls as rows are picked, so a popped row whose
+    fresh gain still tops the heap is the greedy choice without re-scoring the others.
+    """
+    seen = bytearray(tuples.total)
+    picked: list[Row] = []
+    covered = 0
+    heap = [(-len(tuples.sets), r) for r in range(keep, len(rows))]  # every row's gain bound
+    for r in range(keep):
+        fresh = [i for i in tuples.index(rows[r]) if not seen[i]]
+        for i in fresh:
+            seen[i] = 1
+        covered += len(fresh)
+        picked.append(rows[r])
+    while heap and len(picked) < limit:
+        _, r = heapq.heappop(heap)
+        fresh = [i for i in tuples.index(rows[r]) if not seen[i]]
+        if heap and len(fresh) < -heap[0][0]:
+            heapq.heappush(heap, (-len(fresh), r))
+            continue
+        for i in fresh:
+            seen[i] = 1
+        covered += len(fresh)
+        picked.append(rows[r])
+    return picked, covered

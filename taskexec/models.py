@@ -270,8 +270,15 @@ class MatrixInfo(_Frozen):
     cases_needed: int = 0
     """Cases a full pairwise suite has: more than ``cases`` when ``max_cases`` cut it."""
     pairs_total: int = 0
+    """Pairwise: the reachable value t-tuples (pairs at strength 2)."""
     pairs_covered: int = 0
     truncated: bool = False
+    strength: int | None = None
+    """Pairwise: the t of the t-tuples covered (at most the number of parameters)."""
+    effort: Literal["fast", "balanced", "thorough"] | None = None
+    """Pairwise: the effort the suite was shrunk with."""
+    lower_bound: int = 0
+    """Pairwise: the fewest cases any full suite can have (the most tuples of any t parameters)."""
 
 
 class RunManifest(_Frozen):
