@@ -56,7 +56,7 @@ PER_MINUTE = 6000.0
 def _caller(kind: str, client: redis.Redis, key: str, holder: str) -> Callable[[], Any]:
     """One acquire of ``kind``: ``taskexec``, ``refused``, ``trivial`` or ``script``."""
     from taskexec.models import RateLimit
-    from taskexec.ratelimit import RateLimiter
+    from taskexec.run.ratelimit import RateLimiter
 
     if kind == "taskexec":
         limiter = RateLimiter(client)
@@ -68,7 +68,7 @@ def _caller(kind: str, client: redis.Redis, key: str, holder: str) -> Callable[[
         counter = iter(range(10**9))
         limiter.acquire(key, limit, holder="first")  # the bucket's one token: every later ask waits
         return lambda: limiter.acquire(key, limit, holder=f"{holder}-{next(counter)}")
-    from taskexec.ratelimit import _ACQUIRE, _keys
+    from taskexec.run.ratelimit import _ACQUIRE, _keys
 
     script = client.register_script({"trivial": TRIVIAL, "script": _ACQUIRE}[kind])
     keys = _keys(key)

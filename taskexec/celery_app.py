@@ -21,7 +21,7 @@ import click
 from celery import Celery, bootsteps
 from kombu.entity import Exchange, Queue
 
-from taskexec.errors import PlanError
+from taskexec.errors import InvalidInputError
 from taskexec.settings import Settings
 
 __all__ = [
@@ -105,13 +105,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery configuration for ``settings``.
 
     Raises:
-        PlanError: The result backend is not Redis: chords on other backends poll with
+        InvalidInputError: The result backend is not Redis: chords on other backends poll with
             ``chord_unlock`` instead of counting parts atomically.
     """
     broker = settings.broker_url or "redis://127.0.0.1:6379/0"
     backend = settings.result_backend or broker
     if not backend.startswith(("redis://", "rediss://", "redis+socket://", "unix://")):
-        raise PlanError("the result backend must be Redis (chords need it)", path="TASKEXEC_RESULT_BACKEND")
+        raise InvalidInputError(
+            "the result backend must be Redis (chords need it)", path="TASKEXEC_RESULT_BACKEND"
+        )
     if backend.startswith("unix://"):
         backend = "redis+socket://" + backend.removeprefix("unix://")
     transport: dict[str, Any] = {
@@ -174,7 +176,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app configured from ``settings`` (default: the environment).
 
     Raises:
-        PlanError: The result backend is not Redis.
+        InvalidInputError: The result backend is not Redis.
     """
     app = _new_app()
     app.conf.update(celery_config(settings or Settings()))
@@ -226,12 +228,15 @@ def close_app(app: Celery) -> None:
     """Close an app's broker pool and its Redis result backend's connections.
 
     ``Celery.close`` leaves the result backend's client and the pub/sub connection that
-    ``AsyncResult.get`` opened; a producer that is done closes them too.
+    ``AsyncResult.get`` or a published chord opened; a producer that is done closes them too.
     """
     backend = app.backend
     consumer = getattr(backend, "result_consumer", None)
     if consumer is not None:
         consumer.stop()
+        # A chord's header results subscribe to their channels (the group's barrier); one
+        # collected later unsubscribes, and would reconnect to Redis after this close.
+        consumer.subscribed_to.clear()
     client = getattr(backend, "client", None)
     if client is not None:
         client.close()

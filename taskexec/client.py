@@ -19,7 +19,6 @@ from typing import Any
 import redis
 from celery import Celery
 
-from taskexec import producer
 from taskexec.celery_app import close_app, create_app, redis_url
 from taskexec.compiler import compile_plan
 from taskexec.errors import HandlerNotAllowedError, PlanError
@@ -36,7 +35,9 @@ from taskexec.models import (
     TaskStatus,
 )
 from taskexec.plan import Plan
-from taskexec.ratelimit import RateLimiter, Slots, bucket_key, slots_key
+from taskexec.run import producer
+from taskexec.run.ratelimit import RateLimiter, Slots, bucket_key, slots_key
+from taskexec.services import Services
 from taskexec.settings import Settings
 from taskexec.store import Store, results, upgrade
 from taskexec.store import repository as repo
@@ -136,6 +137,11 @@ class Client:
             )
         return self._redis
 
+    @property
+    def services(self) -> Services:
+        """This client's settings, Celery app, store and Redis, for the run's code."""
+        return Services(self.settings, self.app, self.store, self.redis)
+
     def manifests(self, plan: Plan | RunManifest, variant: str | None = None) -> list[RunManifest]:
         """The manifests a plan compiles to (a manifest stands for itself)."""
         if isinstance(plan, RunManifest):
@@ -174,7 +180,7 @@ class Client:
         self.store.check()
         return [
             RunHandle(
-                producer.submit(self.app, self.store, m, client=self.redis, tenant=tenant, labels=labels),
+                producer.submit(self.services, m, tenant=tenant, labels=labels),
                 self,
             )
             for m in manifests
@@ -276,7 +282,7 @@ class Client:
 
     def cancel(self, run_id: str) -> RunStatus:
         """Cancel a run; it ends ``cancelled`` once no task of it runs any more."""
-        return producer.cancel(self.app, self.store, run_id, client=self.redis)
+        return producer.cancel(self.services, run_id)
 
     def approve(
         self,
@@ -294,19 +300,10 @@ class Client:
             <TaskStatus.SUCCEEDED: 'succeeded'>
 
         Raises:
-            PlanError: The task is not waiting for approval.
+            ConflictError: The task is not waiting for approval (any longer).
         """
         who = by or f"{getpass.getuser()}@{socket.gethostname()}"
-        return producer.decide(
-            self.app,
-            self.store,
-            run_id,
-            task_id,
-            approve=not reject,
-            by=who,
-            reason=reason,
-            client=self.redis,
-        )
+        return producer.decide(self.services, run_id, task_id, approve=not reject, by=who, reason=reason)
 
     def retry(self, run_id: str, tasks: list[str] | None = None) -> list[str]:
         """Run a run's failed (or the named) tasks again in the same run; the ids reopened.
@@ -317,11 +314,11 @@ class Client:
             >>> client.retry(run_id)  # doctest: +SKIP
             ['deploy', 'smoke-test']
         """
-        return producer.retry_run(self.app, self.store, run_id, tasks, client=self.redis)
+        return producer.retry_run(self.services, run_id, tasks)
 
     def resume(self, run_id: str) -> int:
         """Re-dispatch the unfinished part of a run from the store; tasks re-queued."""
-        return producer.resume(self.app, self.store, run_id, client=self.redis)
+        return producer.resume(self.services, run_id)
 
     def runs(
         self,

@@ -463,19 +463,24 @@ class EmbeddedFleet:
         """End ``error`` the fleet's runs that are still unfinished now that no worker runs them."""
         if not self.runs:
             return
-        from taskexec.dispatch import abandon
+        from taskexec.celery_app import close_app, create_app
+        from taskexec.run.lifecycle import abandon
+        from taskexec.services import Services
         from taskexec.store import repository as repo
 
         store = Store(self.settings.database_url or "")
+        app = create_app(self.settings)
         try:
+            svc = Services(self.settings, app, store, None)  # its Redis is gone or going
             for run_id in self._unfinished(store):
-                abandon(store, run_id, f"{reason}; the run cannot go on")
+                abandon(svc, run_id, f"{reason}; the run cannot go on")
             with store.begin() as s:
                 self.settled = {r: RunStatus(repo.get_run(s, r).status) for r in self.runs}
         except Exception as e:
             log.warning("could not settle the unfinished runs: %s", e)
         finally:
             store.dispose()
+            close_app(app)
 
     # ------------------------------------------------------------------- stop
 

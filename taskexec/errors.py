@@ -3,8 +3,10 @@
 ::
 
     TaskexecError
-    ├── PlanError                  E001  a plan or an argument is invalid (names the field path)
-    │   └── DependencyCycleError   E001  the dependencies of a plan form a cycle
+    ├── InvalidInputError          E001  an argument, a setting or a request is invalid (names it)
+    │   ├── PlanError              E001  a plan is invalid (names the field path)
+    │   │   └── DependencyCycleError E001  the dependencies of a plan form a cycle
+    │   └── ConflictError          E001  the request came too late: the state changed meanwhile
     ├── HandlerNotAllowedError     E010  a handler is unknown or not allowed by the operator
     ├── CriteriaError              E007  an output criterion could not be evaluated
     ├── IllegalTransitionError     E003  a status change the state machine forbids
@@ -33,6 +35,7 @@ from taskexec.models import ErrorCode
 __all__ = [
     "AwaitApproval",
     "BrokerUnavailableError",
+    "ConflictError",
     "ControlSignal",
     "CriteriaError",
     "DatabaseUnavailableError",
@@ -40,6 +43,7 @@ __all__ = [
     "DestinationNotAllowedError",
     "HandlerNotAllowedError",
     "IllegalTransitionError",
+    "InvalidInputError",
     "ParamsError",
     "PlanError",
     "RetryableError",
@@ -68,10 +72,18 @@ class TaskexecError(Exception):
         return f"{self.code.value}{where}: {self.message}"
 
 
-class PlanError(TaskexecError):
-    """A plan, a plan file or a command argument is invalid."""
+class InvalidInputError(TaskexecError):
+    """A command argument, a ``TASKEXEC_*`` setting or a request is invalid; ``path`` names it."""
 
     code = ErrorCode.VALIDATION
+
+
+class PlanError(InvalidInputError):
+    """A plan or a plan file is invalid; ``path`` is the field (``tasks[1].depends_on[0]``)."""
+
+
+class ConflictError(InvalidInputError):
+    """The request came too late: what it acts on changed meanwhile (decided, ended, moved on)."""
 
 
 class DependencyCycleError(PlanError):

@@ -31,8 +31,8 @@ from rich.table import Table
 from rich.text import Text
 
 from taskexec import report
-from taskexec.events import channel
 from taskexec.models import FlowState, RunResult, RunStatus, TaskStatus
+from taskexec.run.events import channel
 from taskexec.store import repository as repo
 
 if TYPE_CHECKING:

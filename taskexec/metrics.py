@@ -9,7 +9,7 @@ metrics below on ``/metrics``:
   did (sent, received, started, succeeded, failed, retried, revoked, rejected), runtimes,
   queue waits, retries. Received the way Flower and celery-exporter receive them, with
   :class:`celery.events.EventReceiver` and a :class:`celery.events.state.State`.
-- **Run events** (``psubscribe taskexec:run:*``, see :mod:`taskexec.events`): taskexec's
+- **Run events** (``psubscribe taskexec:run:*``, see :mod:`taskexec.run.events`): taskexec's
   own task statuses, throttled waits, stage gaps, run ends. When a run ends, its
   duration is read from the result store (:meth:`taskexec.client.Client.status`), so a
   run that began before the exporter started is measured right.
@@ -90,7 +90,7 @@ log = logging.getLogger(__name__)
 #: Port of ``taskexec metrics`` (celery-exporter's too: run one or the other).
 DEFAULT_PORT = 9808
 
-#: The pattern matching every run's event channel (:func:`taskexec.events.channel`).
+#: The pattern matching every run's event channel (:func:`taskexec.run.events.channel`).
 RUN_EVENTS_PATTERN = "taskexec:run:*"
 
 #: Celery event type -> the ``state`` label of ``taskexec_celery_tasks_total``.
@@ -248,7 +248,7 @@ class RunEvents:
         self.runs: dict[str, _Run] = {}
 
     def handle(self, event: Mapping[str, Any]) -> None:
-        """Account one run event (the JSON object :func:`taskexec.events.publish` sends)."""
+        """Account one run event (the JSON object :func:`taskexec.run.events.publish` sends)."""
         run_id, status = str(event.get("run_id")), str(event.get("status"))
         now = self.clock()
         if event.get("task_id") is None:

@@ -9,6 +9,7 @@ plan compiles to and what a run produces.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 __all__ = [
     "RUN_TRANSITIONS",
     "TASK_TRANSITIONS",
+    "Change",
     "Criterion",
     "ErrorCode",
     "FlowState",
@@ -98,6 +100,21 @@ class TaskStatus(StrEnum):
         """Whether the task ended without success for a reason of its own."""
         return self in _TASK_FAILURES
 
+    @property
+    def active(self) -> bool:
+        """Whether a message is on its way to the task or a worker is on it."""
+        return self in _TASK_ACTIVE
+
+    @property
+    def unsettled(self) -> bool:
+        """Whether the task is not over yet: active, or waiting for a person's decision."""
+        return self in _TASK_ACTIVE or self is TaskStatus.WAITING_APPROVAL
+
+    @property
+    def blocking(self) -> bool:
+        """Whether the task ended without success: what depends on it is skipped (E009)."""
+        return self in _TASK_ENDS and self is not TaskStatus.SUCCEEDED
+
     def can_become(self, new: TaskStatus) -> bool:
         """Whether the state machine allows the change from this status to ``new``."""
         return new in TASK_TRANSITIONS[self]
@@ -106,6 +123,7 @@ class TaskStatus(StrEnum):
 _T = TaskStatus
 _TASK_FAILURES = frozenset({_T.FAILED, _T.VALIDATION_FAILED, _T.TIMED_OUT, _T.ERROR})
 _TASK_ENDS = frozenset({_T.SUCCEEDED, *_TASK_FAILURES, _T.CANCELLED, _T.SKIPPED})
+_TASK_ACTIVE = frozenset({_T.QUEUED, _T.RUNNING, _T.RETRYING, _T.VALIDATING})
 #: Ended without success and reopened by ``taskexec retry RUN`` (back to pending).
 _RERUN = frozenset({_T.PENDING})
 
@@ -165,6 +183,24 @@ RUN_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
     _R.CANCELLED: frozenset({_R.RUNNING}),
     _R.TIMED_OUT: frozenset({_R.RUNNING}),
 }
+
+
+@dataclass(frozen=True)
+class Change:
+    """A status change that happened, committed: published as a run event afterwards.
+
+    The store's writes return these (one per row that moved); the run's code publishes
+    them on the run's event channel once the transaction committed.
+    """
+
+    run_id: str
+    task_id: str | None
+    status: str
+    attempt: int = 0
+    error_code: str | None = None
+    message: str | None = None
+    #: Structured details for consumers of events (a throttled wait's limit and seconds).
+    data: dict[str, Any] | None = None
 
 
 class _Frozen(BaseModel):

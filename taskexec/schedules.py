@@ -22,17 +22,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-import redis
-from celery import Celery
 from celery.schedules import crontab
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from taskexec import producer
-from taskexec.errors import PlanError
+from taskexec.errors import BrokerUnavailableError, InvalidInputError
 from taskexec.models import RunManifest, RunStatus
-from taskexec.store import Store
+from taskexec.run import producer
+from taskexec.services import Services
 from taskexec.store.tables import Run, Schedule, utcnow
 
 __all__ = [
@@ -77,7 +75,7 @@ def every(text: str) -> float:
     """Seconds of an interval such as ``10m``, ``90s``, ``1h30m``, ``2d`` (a bare number: seconds).
 
     Raises:
-        PlanError: The text is not an interval of at least one second.
+        InvalidInputError: The text is not an interval of at least one second.
     """
     raw = text.strip().lower()
     if re.fullmatch(r"\d+(\.\d+)?", raw):
@@ -85,9 +83,11 @@ def every(text: str) -> float:
     elif raw and _PART.sub("", raw) == "":
         seconds = sum(float(n) * _UNITS[u] for n, u in _PART.findall(raw))
     else:
-        raise PlanError(f"{text!r} is not an interval (examples: 30s, 10m, 1h30m, 2d)", path="--every")
+        raise InvalidInputError(
+            f"{text!r} is not an interval (examples: 30s, 10m, 1h30m, 2d)", path="--every"
+        )
     if seconds < MIN_EVERY:
-        raise PlanError(f"an interval is at least {MIN_EVERY:g} s, not {text!r}", path="--every")
+        raise InvalidInputError(f"an interval is at least {MIN_EVERY:g} s, not {text!r}", path="--every")
     return seconds
 
 
@@ -97,19 +97,19 @@ def cron(text: str) -> crontab:
     ``@hourly``, ``@daily``, ``@weekly``, ``@monthly`` and ``@yearly`` are accepted too.
 
     Raises:
-        PlanError: The expression is not valid.
+        InvalidInputError: The expression is not valid.
     """
     expr = _ALIASES.get(text.strip().lower(), text.strip())
     fields = expr.split()
     if len(fields) != 5:
-        raise PlanError(
+        raise InvalidInputError(
             f"a cron expression has 5 fields (minute hour day month weekday), not {text!r}", path="--cron"
         )
     minute, hour, day, month, weekday = fields
     try:
         return crontab(minute=minute, hour=hour, day_of_month=day, month_of_year=month, day_of_week=weekday)
     except Exception as e:  # Celery's parser raises ValueError and its own ParseException
-        raise PlanError(f"invalid cron expression {text!r}: {e}", path="--cron") from None
+        raise InvalidInputError(f"invalid cron expression {text!r}: {e}", path="--cron") from None
 
 
 class ScheduleInfo(BaseModel):
@@ -175,19 +175,21 @@ def add_schedule(
     """Insert a schedule (exactly one of ``cron_expr`` and ``every_seconds``).
 
     Raises:
-        PlanError: No trigger or two, a bad id, an id already taken, or a ``schedule`` label.
+        InvalidInputError: No trigger or two, a bad id, an id already taken, or a ``schedule`` label.
     """
     if (cron_expr is None) == (every_seconds is None):
-        raise PlanError("give exactly one of --cron and --every", path="--cron")
+        raise InvalidInputError("give exactly one of --cron and --every", path="--cron")
     if cron_expr is not None:
         cron(cron_expr)
     if labels and LABEL in labels:
-        raise PlanError(f"the label {LABEL!r} is set by the schedule itself", path="--label")
+        raise InvalidInputError(f"the label {LABEL!r} is set by the schedule itself", path="--label")
     sid = schedule_id or uuid.uuid4().hex[:12]
     if not _ID.match(sid):
-        raise PlanError(f"a schedule id is 1-64 letters, digits, '_', '.' or '-', not {sid!r}", path="--id")
+        raise InvalidInputError(
+            f"a schedule id is 1-64 letters, digits, '_', '.' or '-', not {sid!r}", path="--id"
+        )
     if session.get(Schedule, sid) is not None:
-        raise PlanError(f"a schedule {sid!r} already exists", path="--id")
+        raise InvalidInputError(f"a schedule {sid!r} already exists", path="--id")
     row = Schedule(
         id=sid,
         plan_id=manifests[0].plan_id,
@@ -211,7 +213,7 @@ def get_schedule(session: Session, schedule_id: str) -> ScheduleInfo:
     """One schedule; :class:`PlanError` (exit 2) when there is none."""
     row = session.get(Schedule, schedule_id)
     if row is None:
-        raise PlanError(f"no schedule {schedule_id!r}", path="ID")
+        raise InvalidInputError(f"no schedule {schedule_id!r}", path="ID")
     return _info(row)
 
 
@@ -223,14 +225,14 @@ def list_schedules(session: Session) -> list[ScheduleInfo]:
 def remove_schedule(session: Session, schedule_id: str) -> None:
     """Delete a schedule (its runs stay); :class:`PlanError` when there is none."""
     if not session.execute(delete(Schedule).where(Schedule.id == schedule_id)).rowcount:  # type: ignore[attr-defined]
-        raise PlanError(f"no schedule {schedule_id!r}", path="ID")
+        raise InvalidInputError(f"no schedule {schedule_id!r}", path="ID")
 
 
 def set_enabled(session: Session, schedule_id: str, enabled: bool) -> None:
     """Pause or resume a schedule; :class:`PlanError` when there is none."""
     stmt = update(Schedule).where(Schedule.id == schedule_id).values(enabled=enabled)
     if not session.execute(stmt).rowcount:  # type: ignore[attr-defined]
-        raise PlanError(f"no schedule {schedule_id!r}", path="ID")
+        raise InvalidInputError(f"no schedule {schedule_id!r}", path="ID")
 
 
 @dataclass(frozen=True)
@@ -259,7 +261,7 @@ def _record(session: Session, schedule_id: str, due: datetime, done: Fired) -> N
     session.execute(update(Schedule).where(Schedule.id == schedule_id).values(**values))
 
 
-def fire(app: Celery, store: Store, client: redis.Redis, schedule_id: str, due: datetime) -> Fired:
+def fire(svc: Services, schedule_id: str, due: datetime) -> Fired:
     """One firing of a schedule, due at ``due``: submit its runs, or skip them.
 
     Firings of one schedule are serialised by a Redis lock, so the overlap check and the
@@ -270,8 +272,10 @@ def fire(app: Celery, store: Store, client: redis.Redis, schedule_id: str, due: 
         BrokerUnavailableError: Redis cannot be reached (the caller retries).
         DatabaseUnavailableError: The store cannot be reached (the caller retries).
     """
-    with client.lock(f"taskexec:schedule:{schedule_id}:fire", timeout=120, blocking_timeout=60):
-        with store.begin() as s:
+    if svc.redis is None:
+        raise BrokerUnavailableError("firing a schedule needs Redis (its lock)")
+    with svc.redis.lock(f"taskexec:schedule:{schedule_id}:fire", timeout=120, blocking_timeout=60):
+        with svc.store.begin() as s:
             row = s.get(Schedule, schedule_id)
             if row is None or not row.enabled:
                 return Fired("ignored", "removed" if row is None else "disabled")
@@ -284,10 +288,8 @@ def fire(app: Celery, store: Store, client: redis.Redis, schedule_id: str, due: 
                 return done
             manifests = [RunManifest.model_validate(m) for m in row.manifests]
             tenant, labels = row.tenant, {**(row.labels or {}), LABEL: schedule_id}
-        run_ids = tuple(
-            producer.submit(app, store, m, client=client, tenant=tenant, labels=labels) for m in manifests
-        )
+        run_ids = tuple(producer.submit(svc, m, tenant=tenant, labels=labels) for m in manifests)
         done = Fired("submitted", f"submitted {' '.join(run_ids)} at {due:%Y-%m-%d %H:%M:%S}", run_ids)
-        with store.begin() as s:
+        with svc.store.begin() as s:
             _record(s, schedule_id, due, done)
         return done

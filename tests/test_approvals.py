@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from taskexec import Client, RunStatus, TaskStatus, parse_plan, report
-from taskexec.errors import PlanError
+from taskexec.errors import ConflictError, InvalidInputError
 from taskexec.settings import Settings
 from taskexec.store.tables import ExecutionLog
 from tests.conftest import ROOT, Fleet, make_fleet_env, wait_for
@@ -97,7 +97,7 @@ def test_a_gate_holds_its_branch_only_and_no_worker(client: Client) -> None:
             )
         ).all()
     assert logged == ["approved by ana: staging is green"]
-    with pytest.raises(PlanError, match="not waiting for approval"):
+    with pytest.raises(ConflictError, match="not waiting for approval"):
         client.approve(handle.run_id, "gate")
 
 
@@ -185,9 +185,9 @@ def test_retry_of_named_tasks_and_its_errors(client: Client, fleet: Fleet) -> No
     doc = {"tasks": [{"id": "ok", "handler": "stub"}, bad]}
     handle = client.submit(parse_plan(doc))
     assert handle.wait(timeout=60).status is RunStatus.FAILED
-    with pytest.raises(PlanError, match="'ok' is succeeded"):
+    with pytest.raises(InvalidInputError, match="'ok' is succeeded"):
         client.retry(handle.run_id, ["ok"])
-    with pytest.raises(PlanError, match="no task 'nope'"):
+    with pytest.raises(InvalidInputError, match="no task 'nope'"):
         client.retry(handle.run_id, ["nope"])
     env = {**fleet.env, "PYTHONPATH": str(ROOT)}
 

@@ -31,8 +31,8 @@ from taskexec.celery_app import QUEUES, create_app
 from taskexec.cli import main as taskexec_cli
 from taskexec.cli.ops import is_loopback
 from taskexec.compiler import compile_plan
-from taskexec.dispatch import HARD_LIMIT_GRACE
 from taskexec.plan import load_plan
+from taskexec.run.messages import HARD_LIMIT_GRACE
 from taskexec.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import redis
+from celery import _state as celery_state
 from sqlalchemy import select
 
 from taskexec import Client, RunResult, RunStatus, TaskStatus, parse_plan
@@ -278,11 +279,19 @@ def test_resume_after_the_broker_lost_everything(client: Client, fleet: Fleet) -
 def test_a_duplicate_execute_message_changes_nothing(client: Client) -> None:
     r = run(client, {"tasks": [{"id": "once", "handler": "python:tests.handlers:echo"}]})
     before = by_id(r)["once"]
-    # taskexec keeps no Celery results: this message asks for its own, to know it was handled
-    # (read with a plain GET: AsyncResult.get would subscribe a connection the test leaks).
+    # taskexec keeps no Celery results: this message asks for its own, to know it was handled,
+    # read with a plain GET. Sent as a worker sends (join-will-block): a producer would also
+    # subscribe to the result's channel, and the result's __del__ would reconnect to Redis
+    # after the client closed (a leaked socket).
     app = client.app
-    sent = app.send_task("taskexec.execute", args=(r.run_id, "once"), queue="executor", ignore_result=False)
-    wait_for(lambda: app.backend.get_task_meta(sent.id)["status"] == "SUCCESS", what="the copy handled")
+    celery_state._set_task_join_will_block(True)
+    try:
+        sent = app.send_task(
+            "taskexec.execute", args=(r.run_id, "once"), queue="executor", ignore_result=False
+        ).id
+    finally:
+        celery_state._set_task_join_will_block(False)
+    wait_for(lambda: app.backend.get_task_meta(sent)["status"] == "SUCCESS", what="the copy handled")
     after = by_id(client.status(r.run_id))["once"]
     assert (after.status, after.attempts, after.output) == (before.status, 1, before.output)
     with client.store.begin() as s:

@@ -13,7 +13,7 @@ import redis
 
 from taskexec import Client, RunResult, RunStatus, TaskStatus, parse_plan
 from taskexec.models import RateLimit
-from taskexec.ratelimit import RateLimiter, bucket_key
+from taskexec.run.ratelimit import RateLimiter, bucket_key
 from taskexec.settings import Settings
 from tests.conftest import Fleet, make_fleet_env, wait_for
 

@@ -36,7 +36,7 @@ from taskexec import Client, RunStatus, parse_plan
 from taskexec.cli import main
 from taskexec.cli.ops import flower_argv, flower_task_format, is_loopback
 from taskexec.models import RateLimit
-from taskexec.ratelimit import RateLimiter, bucket_key
+from taskexec.run.ratelimit import RateLimiter, bucket_key
 from taskexec.settings import Settings
 from tests.conftest import ROOT, Fleet, wait_for
 

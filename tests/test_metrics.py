@@ -32,8 +32,8 @@ from redis.retry import Retry
 from taskexec import Client, RunStatus, parse_plan
 from taskexec.celery_app import QUEUES, create_app
 from taskexec.cli import main
-from taskexec.events import channel
 from taskexec.metrics import FleetMetrics, QueueBacklog, RunEvents, priority_lists
+from taskexec.run.events import channel
 from taskexec.settings import Settings
 from tests.conftest import ROOT, Fleet, wait_for
 

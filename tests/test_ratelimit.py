@@ -7,9 +7,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from taskexec.errors import PlanError
+from taskexec.errors import InvalidInputError
 from taskexec.models import RateLimit
-from taskexec.ratelimit import RateLimiter, Slots, bucket_key, slots_key
+from taskexec.run.ratelimit import RateLimiter, Slots, bucket_key, slots_key
 
 pytestmark = pytest.mark.integration
 
@@ -115,7 +115,7 @@ def test_a_bucket_outlives_its_debt_and_its_ttl_is_not_set_on_every_call(client:
 
 
 def test_asking_for_more_than_the_burst_is_refused_clearly(client: redis.Redis) -> None:
-    with pytest.raises(PlanError, match=r"at most 5 \(burst\)"):
+    with pytest.raises(InvalidInputError, match=r"at most 5 \(burst\)"):
         RateLimiter(client).acquire(bucket_key("api", LIMIT, run_id="r"), LIMIT, holder="t", n=6)
 
 

@@ -10,9 +10,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from taskexec.dispatch import CompiledRun
 from taskexec.models import ManifestTask
 from taskexec.store import repository as repo
+from taskexec.store.manifests import CompiledRun
 
 __all__ = ["resolve_inputs"]
 

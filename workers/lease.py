@@ -21,10 +21,10 @@ from datetime import timedelta
 
 import redis
 
-from taskexec import events
 from taskexec.errors import DatabaseUnavailableError
-from taskexec.liveness import hold
-from taskexec.ratelimit import Slots
+from taskexec.run import events
+from taskexec.run.liveness import hold
+from taskexec.run.ratelimit import Slots
 from taskexec.store import Store
 from taskexec.store import repository as repo
 from taskexec.store.tables import utcnow

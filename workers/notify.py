@@ -2,7 +2,7 @@
 
 A plan's ``notify: [{url, events}]`` asks for a JSON POST when a run finishes
 (``run_finished``) or one of its tasks fails for good (``task_failed``). The run never
-waits for them: :func:`taskexec.dispatch.send_notice` only queues ``taskexec.notify`` on
+waits for them: :func:`taskexec.run.messages.send_notice` only queues ``taskexec.notify`` on
 the control queue, which builds the event once and sends one ``taskexec.webhook`` per
 URL. Each URL is then retried on its own, so a failing receiver never gets the others a
 second copy. Unlike the run's messages, a webhook message carries its body: the event is

@@ -37,7 +37,7 @@ def fire_schedule(self: Task, schedule_id: str, due: str) -> None:
         log.error("schedule %s: no Redis configured, firing dropped", schedule_id)
         return
     try:
-        done = fire(app, rt.store, rt.redis, schedule_id, datetime.fromisoformat(due))
+        done = fire(rt.services, schedule_id, datetime.fromisoformat(due))
     except (ServiceUnavailableError, redis.ConnectionError, redis.TimeoutError, LockError) as e:
         if self.request.retries >= MAX_RETRIES:
             log.error("schedule %s: firing due at %s dropped: %s", schedule_id, due, e)

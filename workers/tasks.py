@@ -23,14 +23,19 @@ from celery import Task
 from celery.signals import worker_process_init
 from redis.exceptions import LockError
 
-from taskexec import faultpoints
 from taskexec.celery_app import app
-from taskexec.dispatch import compiled_run, dispatch, execute_signature, release, stage_settled
 from taskexec.errors import DatabaseUnavailableError, RunNotFoundError, Throttled
-from taskexec.reconcile import LOCK, reconcile
+from taskexec.run import faultpoints
+from taskexec.run.dispatch import dispatch, release
+from taskexec.run.lifecycle import stage_settled
+from taskexec.run.messages import execute_signature
+from taskexec.run.reconcile import LOCK, reconcile
 from taskexec.settings import Settings
 from taskexec.store import repository as repo
+from taskexec.store.manifests import compiled_run
 from workers import runner
+from workers.attempt import Outcome
+from workers.runtime import Runtime
 
 __all__ = [
     "advance",
@@ -44,18 +49,18 @@ __all__ = [
 
 log = logging.getLogger("taskexec.worker")
 
-_runtime: runner.Runtime | None = None
+_runtime: Runtime | None = None
 
 #: Countdown of a step retried because the result store was unreachable.
 STORE_RETRY_SECONDS = 5.0
 
 
-def runtime() -> runner.Runtime:
+def runtime() -> Runtime:
     """This process's runtime, created on first use (after the prefork pool forked)."""
     global _runtime  # noqa: PLW0603 - one per process by design
     if _runtime is None:
         settings: Settings = app.conf.taskexec_settings
-        _runtime = runner.Runtime.create(settings)
+        _runtime = Runtime.create(settings, app)
     return _runtime
 
 
@@ -66,7 +71,7 @@ def _after_fork(**_: Any) -> None:
         _runtime.store.dispose()
 
 
-def _again(task: Task, outcome: runner.Outcome) -> None:
+def _again(task: Task, outcome: Outcome) -> None:
     """Re-queue this message per the outcome (never counts against Celery's max_retries)."""
     assert outcome.again_in is not None
     faultpoints.reached("execute.delayed")
@@ -126,12 +131,12 @@ def dispatch_stage(self: Task, run_id: str, stage: int) -> None:
     """Dispatch a stage the producer asked for: stage 0 of a new run, or a resumed one."""
     rt = runtime()
     try:
-        dispatch(app, rt.store, run_id, stage, client=rt.redis)
+        dispatch(rt.services, run_id, stage)
     except DatabaseUnavailableError as e:
         raise self.retry(countdown=STORE_RETRY_SECONDS, max_retries=None, exc=e) from e
 
 
-@app.task(name="taskexec.advance", bind=True, max_retries=None, acks_late=True)
+@app.task(name="taskexec.advance", bind=True, max_retries=None, acks_late=True, ignore_result=True)
 def advance(self: Task, run_id: str, stage: int) -> None:
     """Chord body of stage ``stage - 1``: dispatch ``stage`` once the previous one is complete.
 
@@ -144,7 +149,7 @@ def advance(self: Task, run_id: str, stage: int) -> None:
         with rt.store.begin() as s:
             settled = stage_settled(s, run_id, stage - 1)
         if settled:
-            dispatch(app, rt.store, run_id, stage, client=rt.redis)
+            dispatch(rt.services, run_id, stage)
     except DatabaseUnavailableError as e:
         raise self.retry(countdown=STORE_RETRY_SECONDS, max_retries=None, exc=e) from e
 
@@ -154,12 +159,12 @@ def release_held(self: Task, run_id: str) -> None:
     """Dispatch held tasks now free to run (after an approval or a retry); else go on or end."""
     rt = runtime()
     try:
-        release(app, rt.store, run_id, client=rt.redis)
+        release(rt.services, run_id)
     except DatabaseUnavailableError as e:
         raise self.retry(countdown=STORE_RETRY_SECONDS, max_retries=None, exc=e) from e
 
 
-@app.task(name="taskexec.stage_failed", bind=True, max_retries=None, acks_late=True)
+@app.task(name="taskexec.stage_failed", bind=True, max_retries=None, acks_late=True, ignore_result=True)
 def stage_failed(self: Task, run_id: str, stage: int) -> None:
     """Error callback of a stage's chord: a part raised, so its body will not run.
 
@@ -191,7 +196,7 @@ def reconcile_fleet() -> None:
     if not lock.acquire():
         return
     try:
-        reconcile(app, rt.store, client=rt.redis, grace=settings.resend_grace)
+        reconcile(rt.services, grace=settings.resend_grace)
     finally:
         with contextlib.suppress(LockError):  # a round longer than the lock's timeout
             lock.release()

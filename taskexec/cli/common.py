@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from taskexec.compiler import compile_plan
 from taskexec.errors import (
     HandlerNotAllowedError,
-    PlanError,
+    InvalidInputError,
     RunNotFoundError,
     ServiceUnavailableError,
     TaskexecError,
@@ -65,7 +65,7 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
-        except (PlanError, HandlerNotAllowedError, RunNotFoundError) as e:
+        except (InvalidInputError, HandlerNotAllowedError, RunNotFoundError) as e:
             _fail(e, EXIT_INVALID)
         except ServiceUnavailableError as e:
             _fail(e, EXIT_UNAVAILABLE)
@@ -74,7 +74,7 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
         except ValidationError as e:  # a TASKEXEC_* variable with a bad value
             err = e.errors()[0]
             name = "TASKEXEC_" + str(err["loc"][0]).upper() if err["loc"] else "environment"
-            _fail(PlanError(str(err["msg"]), path=name), EXIT_INVALID)
+            _fail(InvalidInputError(str(err["msg"]), path=name), EXIT_INVALID)
 
     return wrapper
 
@@ -94,14 +94,14 @@ def make_client(settings: Settings | None = None) -> Client:
 def needs_fleet(settings: Settings, what: str) -> None:
     """Refuse a command that only makes sense with a broker configured."""
     if settings.embedded:
-        raise PlanError(f"{what} needs a fleet: set TASKEXEC_BROKER_URL", path="TASKEXEC_BROKER_URL")
+        raise InvalidInputError(f"{what} needs a fleet: set TASKEXEC_BROKER_URL", path="TASKEXEC_BROKER_URL")
 
 
 def fleet_or_embedded(what: str) -> Settings:
     """Settings of the fleet, or of the embedded ``taskexec run`` in progress under home.
 
     Raises:
-        PlanError: Neither a broker is configured nor an embedded run is in progress.
+        InvalidInputError: Neither a broker is configured nor an embedded run is in progress.
     """
     settings = Settings()
     if not settings.embedded:
@@ -110,7 +110,7 @@ def fleet_or_embedded(what: str) -> Settings:
 
     attached = attach(settings)
     if attached is None:
-        raise PlanError(
+        raise InvalidInputError(
             f"{what} needs a fleet (TASKEXEC_BROKER_URL) or an embedded `taskexec run` in progress "
             f"under TASKEXEC_HOME ({settings.home})",
             path="TASKEXEC_BROKER_URL",
@@ -129,6 +129,6 @@ def labels(pairs: tuple[str, ...]) -> dict[str, str]:
     for p in pairs:
         key, sep, value = p.partition("=")
         if not sep or not key:
-            raise PlanError(f"a label is KEY=VALUE, not {p!r}", path="--label")
+            raise InvalidInputError(f"a label is KEY=VALUE, not {p!r}", path="--label")
         out[key] = value
     return out

@@ -8,7 +8,7 @@ import sys
 import click
 
 from taskexec.cli.common import make_client, needs_fleet, user_errors
-from taskexec.errors import PlanError
+from taskexec.errors import InvalidInputError
 from taskexec.settings import Settings
 
 __all__ = ["db", "reconcile_now", "worker"]
@@ -45,7 +45,7 @@ def worker(
     wanted = [q.strip() for q in queues.split(",") if q.strip()]
     for q in wanted:
         if q not in QUEUES:
-            raise PlanError(f"unknown queue {q!r} (queues: {', '.join(QUEUES)})", path="--queues")
+            raise InvalidInputError(f"unknown queue {q!r} (queues: {', '.join(QUEUES)})", path="--queues")
     if CONTROL not in wanted:
         wanted.append(CONTROL)
     argv = worker_argv(
@@ -81,21 +81,12 @@ def exposure_warnings(settings: Settings) -> list[str]:
 @user_errors
 def reconcile_now() -> None:
     """Run one reconciler round now: lost stages, expired leases, due backoffs, restarted broker."""
-    from taskexec.celery_app import close_app, create_app
-    from taskexec.reconcile import reconcile
-    from taskexec.store import Store
+    from taskexec.run.reconcile import reconcile
 
     settings = Settings()
     needs_fleet(settings, "reconcile")
-    app = create_app(settings)
-    store = Store.from_settings(settings)
-    client = make_client(settings)
-    try:
-        report = reconcile(app, store, client=client.redis)
-    finally:
-        client.close()
-        store.close()
-        close_app(app)
+    with make_client(settings) as client:
+        report = reconcile(client.services, grace=settings.resend_grace)
     click.echo(
         f"resumed {len(report.resumed)} run(s), advanced {len(report.advanced)}, "
         f"stopped {len(report.stopped)}, re-sent {len(report.requeued)} task(s)"

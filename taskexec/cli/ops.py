@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from taskexec.cli.common import needs_fleet, user_errors
-from taskexec.errors import PlanError
+from taskexec.errors import InvalidInputError
 from taskexec.settings import Settings
 
 __all__ = ["COMMANDS", "flower", "flower_argv", "flower_task_format", "is_loopback", "metrics"]
@@ -53,7 +53,7 @@ def _check_basic_auth(value: str) -> None:
     for pair in value.split(","):
         user, sep, password = pair.partition(":")
         if not (sep and user and password):
-            raise PlanError(
+            raise InvalidInputError(
                 "basic auth is user:password[,user:password…] with both parts non-empty",
                 path="TASKEXEC_FLOWER_BASIC_AUTH",
             )
@@ -180,7 +180,7 @@ def flower(
     authenticated = bool(basic_auth or os.environ.get("FLOWER_AUTH"))
     if not authenticated and not is_loopback(address):
         if not unauthenticated:
-            raise PlanError(
+            raise InvalidInputError(
                 f"Flower would serve the fleet on {address or 'every interface'} to anyone: "
                 "set TASKEXEC_FLOWER_BASIC_AUTH=user:password, or listen on 127.0.0.1",
                 path="--address",
@@ -226,7 +226,7 @@ def metrics(port: int, address: str) -> None:
     from prometheus_client import disable_created_metrics
 
     from taskexec.metrics import Exporter, serve
-    from taskexec.producer import check_broker
+    from taskexec.run.producer import check_broker
 
     settings = Settings()
     needs_fleet(settings, "taskexec metrics")
@@ -248,7 +248,7 @@ def metrics(port: int, address: str) -> None:
     try:
         serve(exporter, port, address, stop=stop, ready=ready)
     except OSError as e:  # the port is taken, or the address is not this host's
-        raise PlanError(f"cannot listen on {address}:{port}: {e}", path="--port") from e
+        raise InvalidInputError(f"cannot listen on {address}:{port}: {e}", path="--port") from e
 
 
 #: The commands this module adds to ``taskexec``.

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from taskexec.errors import DatabaseUnavailableError, PlanError
+from taskexec.errors import DatabaseUnavailableError, InvalidInputError
 from taskexec.settings import Settings
 
 __all__ = ["Store", "database_url", "engine_url", "upgrade"]
@@ -36,7 +36,7 @@ def database_url(settings: Settings) -> str:
         return settings.database_url
     if settings.embedded:
         return f"sqlite:///{(settings.home / 'taskexec.db').resolve()}"
-    raise PlanError(
+    raise InvalidInputError(
         "TASKEXEC_DATABASE_URL must be set when TASKEXEC_BROKER_URL is", path="TASKEXEC_DATABASE_URL"
     )
 

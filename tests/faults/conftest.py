@@ -1,6 +1,6 @@
 """The fault suite's world: a private Redis and a private PostgreSQL that tests may stop,
 stall and restart, worker processes in their own process groups, short timeouts, fault
-points armed by file (``taskexec.faultpoints``), and a ledger of real executions.
+points armed by file (``taskexec.run.faultpoints``), and a ledger of real executions.
 
 Settings chosen so that each case takes seconds: visibility timeout 8 s (tasks may run
 at most 7 s), leases of 2 s, a reconciler round every second, messages sent again 3 s past
@@ -266,7 +266,7 @@ class World:
         return self.dir / "faultpoints"
 
     def arm(self, point: str, action: str = "kill") -> None:
-        """Arm a fault point (``taskexec.faultpoints``) of the fleet's processes, once."""
+        """Arm a fault point (``taskexec.run.faultpoints``) of the fleet's processes, once."""
         (self.faultpoints / point).write_text(action)
 
     def fired(self, point: str) -> int | None:

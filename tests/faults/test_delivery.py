@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from taskexec import RunStatus, TaskStatus, parse_plan
-from taskexec.faultpoints import POINTS
+from taskexec.run.faultpoints import POINTS
 from tests.conftest import ROOT
 from tests.faults.conftest import PrivatePostgres, PrivateRedis, World, make_world, wait_until
 from tests.faults.promise import (

@@ -13,9 +13,9 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import redis
+from redis import Redis, RedisError
 
-from taskexec.store.repository import Change
+from taskexec.models import Change
 
 __all__ = ["cancel_key", "channel", "publish", "subscribe"]
 
@@ -32,12 +32,12 @@ def cancel_key(run_id: str) -> str:
     return f"taskexec:cancel:{run_id}"
 
 
-def publish(client: redis.Redis | None, changes: Iterable[Change]) -> None:
+def publish(redis: Redis | None, changes: Iterable[Change]) -> None:
     """Publish changes as JSON events on their runs' channels; errors are logged, not raised."""
-    if client is None:
+    if redis is None:
         return
     try:
-        pipe = client.pipeline(transaction=False)
+        pipe = redis.pipeline(transaction=False)
         at = time.time()  # published right after the commit that made the change
         n = 0
         for c in changes:
@@ -55,13 +55,13 @@ def publish(client: redis.Redis | None, changes: Iterable[Change]) -> None:
             n += 1
         if n:
             pipe.execute()
-    except redis.RedisError as e:
+    except RedisError as e:
         log.warning("run events not published: %s", e)
 
 
-def subscribe(client: redis.Redis, run_id: str, timeout: float = 1.0) -> Iterator[dict[str, Any] | None]:
+def subscribe(redis: Redis, run_id: str, timeout: float = 1.0) -> Iterator[dict[str, Any] | None]:
     """Yield a run's events as they come; ``None`` every ``timeout`` seconds without one."""
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(channel(run_id))
     try:
         while True:

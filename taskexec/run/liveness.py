@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 
-import redis
+from redis import Redis, RedisError
 
 __all__ = ["alive", "alive_key", "hold"]
 
@@ -22,23 +22,23 @@ def alive_key(run_id: str, task_id: str) -> str:
     return f"taskexec:alive:{run_id}/{task_id}"
 
 
-def hold(client: redis.Redis | None, run_id: str, task_id: str, attempt: int, lease: float) -> None:
+def hold(redis: Redis | None, run_id: str, task_id: str, attempt: int, lease: float) -> None:
     """Mark ``attempt`` as held by a live worker for ``lease`` seconds (renewed by the heartbeat)."""
-    if client is not None:
-        with contextlib.suppress(redis.RedisError):
-            client.set(alive_key(run_id, task_id), attempt, px=max(1, int(lease * 1000)))
+    if redis is not None:
+        with contextlib.suppress(RedisError):
+            redis.set(alive_key(run_id, task_id), attempt, px=max(1, int(lease * 1000)))
 
 
-def alive(client: redis.Redis | None, run_id: str, task_id: str, attempt: int) -> bool:
+def alive(redis: Redis | None, run_id: str, task_id: str, attempt: int) -> bool:
     """Whether a live worker still holds ``attempt`` (its Redis lease has not run out).
 
     Unknown (Redis unreachable) counts as held: a takeover waits rather than risk a second
     execution; it happens once Redis answers again.
     """
-    if client is None:
+    if redis is None:
         return False
     try:
-        held = client.get(alive_key(run_id, task_id))
-    except redis.RedisError:
+        held = redis.get(alive_key(run_id, task_id))
+    except RedisError:
         return True
     return held is not None and int(held) == attempt

@@ -23,7 +23,7 @@ Keys (``{scope}`` is ``run:<run id>``, ``tenant:<tenant>`` or ``global``):
   by lease expiry (a killed worker's slot comes back when its lease runs out).
 
 Example:
-    >>> limiter = RateLimiter(redis.Redis())  # doctest: +SKIP
+    >>> limiter = RateLimiter(Redis())  # doctest: +SKIP
     >>> llm = RateLimit(per_minute=120, burst=10)
     >>> limiter.acquire(bucket_key("llm", llm, run_id="r1"), llm, holder="score[0]")  # doctest: +SKIP
     Grant(granted=True, wait=0.0, tokens=9.0, waiting=0)
@@ -33,9 +33,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis
+from redis import Redis
 
-from taskexec.errors import PlanError
+from taskexec.errors import InvalidInputError
 from taskexec.models import RateLimit
 
 __all__ = ["Grant", "RateLimiter", "Slots", "bucket_key", "holder", "slots_key"]
@@ -285,15 +285,15 @@ class RateLimiter:
     """Token buckets shared by every worker of the fleet.
 
     Args:
-        client: Redis, the broker's server by default.
+        redis: Redis, the broker's server by default.
     """
 
-    def __init__(self, client: redis.Redis) -> None:
-        self.client = client
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
         # register_script: EVALSHA, falling back to EVAL once after a Redis restart.
-        self._acquire = client.register_script(_ACQUIRE)
-        self._peek = client.register_script(_PEEK)
-        self._give_back = client.register_script(_RETURN)
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._peek = redis.register_script(_PEEK)
+        self._give_back = redis.register_script(_RETURN)
 
     def acquire(
         self, key: str, limit: RateLimit, *, holder: str, n: int = 1, now: float | None = None
@@ -308,10 +308,10 @@ class RateLimiter:
             now: Server time override, for tests; default: Redis ``TIME``.
 
         Raises:
-            PlanError: ``n`` is above the burst, so it could never be granted.
+            InvalidInputError: ``n`` is above the burst, so it could never be granted.
         """
         if n > limit.burst:
-            raise PlanError(
+            raise InvalidInputError(
                 f"{n} tokens asked of a bucket that holds at most {limit.burst} (burst)", path="rate_limits"
             )
         granted, wait, tokens, waiting = self._acquire(
@@ -346,10 +346,10 @@ class RateLimiter:
 class Slots:
     """A run's concurrency slots: at most ``limit`` holders at once, each with a lease."""
 
-    def __init__(self, client: redis.Redis) -> None:
-        self.client = client
-        self._take = client.register_script(_TAKE_SLOT)
-        self._renew = client.register_script(_RENEW_SLOT)
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._take = redis.register_script(_TAKE_SLOT)
+        self._renew = redis.register_script(_RENEW_SLOT)
 
     def take(self, key: str, limit: int, *, holder: str, lease: float, now: float | None = None) -> Grant:
         """Take a slot (or renew the holder's); when all are taken, the seconds until a lease ends."""
@@ -362,8 +362,8 @@ class Slots:
 
     def release(self, key: str, *, holder: str) -> None:
         """Give a slot back."""
-        self.client.zrem(key, holder)
+        self.redis.zrem(key, holder)
 
     def held(self, key: str) -> int:
         """Slots held now (expired leases included until the next take)."""
-        return int(self.client.zcard(key))
+        return int(self.redis.zcard(key))

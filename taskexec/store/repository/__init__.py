@@ -1,0 +1,87 @@
+"""Reads and writes of the result store: the only place that writes SQL.
+
+Every function takes a Session and never commits: the caller frames the transaction
+(``with store.begin() as session``) and publishes messages only after it commits. By
+what they touch: :mod:`.runs` (run rows), :mod:`.tasks` (task rows: claims, guarded
+status changes), :mod:`.recovery` (what the reconciler looks for: the outbox, due times,
+lost leases). Callers use the one namespace: ``from taskexec.store import repository as
+repo``.
+"""
+
+from taskexec.store.repository.recovery import (
+    Overdue,
+    clear_outbox,
+    expired_approvals,
+    lost_tasks,
+    mark_outbox,
+    mark_resent,
+    overdue_tasks,
+    set_due,
+)
+from taskexec.store.repository.runs import (
+    add_run,
+    bump_epoch,
+    claim_stage,
+    get_run,
+    load_manifest,
+    log_line,
+    record_incident,
+    runs_in_flight,
+    set_broker_instance,
+    set_run_status,
+    set_stage_cursor,
+    set_stop_reason,
+    start_retry,
+    stop_reason,
+)
+from taskexec.store.repository.tasks import (
+    TaskState,
+    claim_attempt,
+    count_failures,
+    count_throttled,
+    outputs_of,
+    record_metrics,
+    renew_lease,
+    reopen_tasks,
+    set_task_status,
+    set_tasks_status,
+    task_state,
+    task_statuses,
+)
+
+__all__ = [
+    "Overdue",
+    "TaskState",
+    "add_run",
+    "bump_epoch",
+    "claim_attempt",
+    "claim_stage",
+    "clear_outbox",
+    "count_failures",
+    "count_throttled",
+    "expired_approvals",
+    "get_run",
+    "load_manifest",
+    "log_line",
+    "lost_tasks",
+    "mark_outbox",
+    "mark_resent",
+    "outputs_of",
+    "overdue_tasks",
+    "record_incident",
+    "record_metrics",
+    "renew_lease",
+    "reopen_tasks",
+    "runs_in_flight",
+    "set_broker_instance",
+    "set_due",
+    "set_run_status",
+    "set_stage_cursor",
+    "set_stop_reason",
+    "set_task_status",
+    "set_tasks_status",
+    "start_retry",
+    "stop_reason",
+    "task_state",
+    "task_statuses",
+]

@@ -1,0 +1,252 @@
+"""Run rows: create, read, move through the run's state machine, and record what happened.
+
+Every function takes a Session and never commits: the caller frames the transaction
+(``with store.begin() as session``) and publishes messages only after it commits.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session
+
+from taskexec.errors import RunNotFoundError
+from taskexec.models import RUN_TRANSITIONS, Change, RunManifest, RunStatus, TaskStatus
+from taskexec.store.repository._tables import RUNS
+from taskexec.store.tables import Execution, ExecutionLog, Run, utcnow
+
+__all__ = [
+    "add_run",
+    "bump_epoch",
+    "claim_stage",
+    "get_run",
+    "load_manifest",
+    "log_line",
+    "record_incident",
+    "runs_in_flight",
+    "set_broker_instance",
+    "set_run_status",
+    "set_stage_cursor",
+    "set_stop_reason",
+    "start_retry",
+    "stop_reason",
+]
+
+
+def add_run(
+    session: Session,
+    run_id: str,
+    manifest: RunManifest,
+    *,
+    tenant: str | None = None,
+    labels: dict[str, str] | None = None,
+    now: datetime | None = None,
+) -> None:
+    """Insert a run and one ``pending`` execution row per task (executemany)."""
+    now = now or utcnow()
+    session.add(
+        Run(
+            run_id=run_id,
+            plan_id=manifest.plan_id,
+            plan_name=manifest.plan_name,
+            variant=manifest.variant,
+            status=RunStatus.QUEUED.value,
+            manifest=manifest.model_dump(mode="json"),
+            statistics=None,
+            tenant=tenant,
+            labels=labels or {},
+            stage_count=len(manifest.stages),
+            stage_cursor=-1,
+            epoch=0,
+            submitted_at=now,
+            updated_at=now,
+        )
+    )
+    session.flush()
+    session.execute(
+        insert(Execution),
+        [
+            {
+                "run_id": run_id,
+                "task_id": t.id,
+                "stage": t.stage,
+                "status": TaskStatus.PENDING.value,
+                "attempts": 0,
+                "updated_at": now,
+            }
+            for t in manifest.tasks
+        ],
+    )
+    session.execute(
+        insert(ExecutionLog),
+        [
+            {
+                "run_id": run_id,
+                "task_id": None,
+                "attempt": 0,
+                "event": "transition",
+                "from_status": None,
+                "to_status": RunStatus.QUEUED.value,
+                "message": f"submitted: {len(manifest.tasks)} tasks in {len(manifest.stages)} stages",
+                "at": now,
+            }
+        ],
+    )
+
+
+def get_run(session: Session, run_id: str, *, for_update: bool = False) -> Run:
+    """The run row; :class:`RunNotFoundError` when there is none."""
+    stmt = select(Run).where(Run.run_id == run_id)
+    if for_update:
+        stmt = stmt.with_for_update()
+    run = session.scalars(stmt).one_or_none()
+    if run is None:
+        raise RunNotFoundError(f"no run {run_id!r} in the store", path="RUN")
+    return run
+
+
+def stop_reason(session: Session, run_id: str) -> str | None:
+    """Why the run is stopping (``cancelled``, ``max_failures``, ``timeout``), or ``None``."""
+    reason: str | None = session.scalar(select(RUNS.c.stop_reason).where(RUNS.c.run_id == run_id))
+    return reason
+
+
+def load_manifest(run: Run) -> RunManifest:
+    """The manifest stored with a run."""
+    return RunManifest.model_validate(run.manifest)
+
+
+def set_run_status(
+    session: Session, run_id: str, to: RunStatus, *, message: str | None = None, **fields: Any
+) -> Change | None:
+    """Move a run to ``to`` if its state machine allows it; the change, or ``None``."""
+    legal = sorted(s.value for s, nxt in RUN_TRANSITIONS.items() if to in nxt)
+    now = utcnow()
+    values: dict[str, Any] = {"status": to.value, "updated_at": now, **fields}
+    if to is RunStatus.RUNNING:
+        values["started_at"] = func.coalesce(Run.started_at, now)
+    if to.terminal:
+        values.setdefault("finished_at", now)
+    stmt = update(Run).where(Run.run_id == run_id, Run.status.in_(legal)).values(**values)
+    if not session.execute(stmt).rowcount:  # type: ignore[attr-defined]
+        return None
+    session.execute(
+        insert(ExecutionLog).values(
+            run_id=run_id,
+            task_id=None,
+            attempt=0,
+            event="transition",
+            to_status=to.value,
+            message=message,
+            at=now,
+        )
+    )
+    return Change(run_id, None, to.value, message=message)
+
+
+def claim_stage(session: Session, run_id: str, stage: int) -> bool:
+    """Take the right to dispatch ``stage``: true once per stage, however often it is asked."""
+    stmt = (
+        update(Run)
+        .where(Run.run_id == run_id, Run.stage_cursor < stage)
+        .values(stage_cursor=stage, updated_at=utcnow())
+    )
+    return bool(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+
+
+def bump_epoch(session: Session, run_id: str) -> int:
+    """Start a new dispatch generation of a run (new message ids); the new epoch."""
+    stmt = (
+        update(RUNS)
+        .where(RUNS.c.run_id == run_id)
+        .values(epoch=RUNS.c.epoch + 1, updated_at=utcnow())
+        .returning(RUNS.c.epoch)
+    )
+    return int(session.execute(stmt).scalar_one())
+
+
+def record_incident(session: Session, run_id: str, message: str) -> None:
+    """Record an infrastructure failure on a run that goes on (a log line, the run's message).
+
+    The run stays ``running``: the reconciler recovers what the failure left behind.
+    """
+    log_line(session, run_id, None, 0, message, event="incident")
+    session.execute(update(RUNS).where(RUNS.c.run_id == run_id).values(error_message=message))
+
+
+def log_line(
+    session: Session,
+    run_id: str,
+    task_id: str | None,
+    attempt: int,
+    message: str,
+    *,
+    worker: str | None = None,
+    event: str = "log",
+) -> None:
+    """Append a log line to a task's (or the run's) history."""
+    session.execute(
+        insert(ExecutionLog).values(
+            run_id=run_id,
+            task_id=task_id,
+            attempt=attempt,
+            event=event,
+            message=message,
+            worker=worker,
+            at=utcnow(),
+        )
+    )
+
+
+def set_stop_reason(session: Session, run_id: str, reason: str, *, overwrite: bool = False) -> bool:
+    """Mark a run as stopping (``cancelled``, ``max_failures``, ``timeout``): true if this
+    call set it. Without ``overwrite`` the first reason stays (a cancel overwrites one)."""
+    stmt = update(RUNS).where(RUNS.c.run_id == run_id)
+    if not overwrite:
+        stmt = stmt.where(RUNS.c.stop_reason.is_(None))
+    return bool(session.execute(stmt.values(stop_reason=reason, updated_at=utcnow())).rowcount)  # type: ignore[attr-defined]
+
+
+def set_stage_cursor(session: Session, run_id: str, cursor: int) -> None:
+    """Move a run's stage cursor (a stopped run's goes past its last stage: nothing more goes out)."""
+    session.execute(update(RUNS).where(RUNS.c.run_id == run_id).values(stage_cursor=cursor))
+
+
+def set_broker_instance(session: Session, run_id: str, instance: str | None) -> None:
+    """Record the broker identity that holds the run's latest messages."""
+    session.execute(update(RUNS).where(RUNS.c.run_id == run_id).values(broker_instance=instance))
+
+
+def start_retry(session: Session, run_id: str) -> None:
+    """Clear a run's end (``taskexec retry``): no stop reason, statistics or error, a new epoch
+    (new message ids: what a cancel revoked stays revoked)."""
+    session.execute(
+        update(RUNS)
+        .where(RUNS.c.run_id == run_id)
+        .values(
+            stop_reason=None,
+            statistics=None,
+            error_message=None,
+            finished_at=None,
+            epoch=RUNS.c.epoch + 1,
+            updated_at=utcnow(),
+        )
+    )
+
+
+def runs_in_flight(session: Session) -> list[Any]:
+    """Runs queued or running, with what the reconciler looks at: (run_id, status,
+    broker_instance, stage_cursor, stop_reason, started_at or submitted_at)."""
+    rows = session.execute(
+        select(
+            RUNS.c.run_id,
+            RUNS.c.status,
+            RUNS.c.broker_instance,
+            RUNS.c.stage_cursor,
+            RUNS.c.stop_reason,
+            func.coalesce(RUNS.c.started_at, RUNS.c.submitted_at),
+        ).where(RUNS.c.status.in_([RunStatus.QUEUED.value, RunStatus.RUNNING.value]))
+    )
+    return list(rows)
