@@ -64,8 +64,8 @@ def graph_of(plan: dict[str, Any]) -> dict[str, list[str]]:
 
 def measure(n: int) -> dict[str, float]:
     """One size, in this process: medians of REPEAT runs, and the peak RSS."""
-    from taskexec.compiler import compile_plan
     from taskexec.plan import parse_plan
+    from taskexec.plan.compiler import compile_plan
     from taskexec.settings import Settings
 
     settings = Settings()

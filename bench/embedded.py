@@ -94,8 +94,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5, help="repetitions (medians are printed)")
     args = parser.parse_args()
 
-    from taskexec.compiler import compile_plan
     from taskexec.plan import load_plan
+    from taskexec.plan.compiler import compile_plan
 
     [manifest] = compile_plan(load_plan(str(PLAN)))
     depends_on = {t.id: t.depends_on for t in manifest.tasks}

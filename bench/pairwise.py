@@ -1,7 +1,7 @@
 """Pairwise suite size, time, coverage and memory, against allpairspy run live and PICT's figures.
 
 Models are written ``4^15 3^17 2^29`` (15 parameters of 4 values, 17 of 3, 29 of 2). For
-each model of issue 19's table: the size and time of ``taskexec.matrix.expand`` at the
+each model of issue 19's table: the size and time of ``taskexec.plan.matrix.expand`` at the
 default effort, allpairspy called directly on the same model (the baseline, in this run),
 PICT 3.7's best of 50 seeds and the best known size (from the issue: PICT is not installed
 here), the lower bound, the ratios, and the share of value tuples each suite covers,
@@ -30,7 +30,7 @@ from typing import Any
 
 from allpairspy import AllPairs
 
-from taskexec.matrix import MatrixSpec, expand
+from taskexec.plan.matrix import MatrixSpec, expand
 
 FOURTEEN = "2^1 3^1 4^1 5^1 6^1 2^1 3^1 4^1 5^1 6^1 2^1 3^1 4^1 5^1"
 # model: (best known, PICT 3.7 best of 50 seeds), issue 19's table.
@@ -354,7 +354,7 @@ def identical() -> list[str]:
     specs = [spec_of(sizes_of(m)) for m in models] + [spec_of(sizes_of("3^13"), *EXCLUSIONS["3^13"][:1])]
     here = [expand(s).cases for s in specs]
     code = (
-        "import json, sys; from taskexec.matrix import MatrixSpec, expand; "
+        "import json, sys; from taskexec.plan.matrix import MatrixSpec, expand; "
         "print(json.dumps([expand(MatrixSpec.model_validate(s)).cases for s in json.load(sys.stdin)]))"
     )
     same = True

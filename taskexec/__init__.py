@@ -9,7 +9,6 @@ Example:
 """
 
 from taskexec.client import Client, RunHandle
-from taskexec.compiler import compile_plan
 from taskexec.errors import (
     AwaitApproval,
     BrokerUnavailableError,
@@ -50,6 +49,7 @@ from taskexec.models import (
     TaskStatus,
 )
 from taskexec.plan import Plan, load_plan, parse_plan
+from taskexec.plan.compiler import compile_plan
 from taskexec.settings import Settings
 
 __version__ = "0.1.0"

@@ -39,7 +39,6 @@ from celery.beat import ScheduleEntry, Scheduler
 from celery.schedules import schedule as interval
 from celery.utils.time import maybe_make_aware
 from redis.exceptions import LockError
-from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from taskexec.celery_app import CONTROL, redis_url
@@ -47,7 +46,7 @@ from taskexec.errors import ServiceUnavailableError, TaskexecError
 from taskexec.schedules import cron
 from taskexec.settings import Settings
 from taskexec.store import Store, database_url
-from taskexec.store.tables import Schedule
+from taskexec.store.repository import schedules as rows
 
 __all__ = ["FIRE", "FIRE_EXPIRES", "LOCK", "DatabaseScheduler"]
 
@@ -124,7 +123,7 @@ class DatabaseScheduler(Scheduler):  # type: ignore[misc]
             try:
                 due = _utc(new.last_run_at)
                 with self.store.begin() as s:
-                    s.execute(update(Schedule).where(Schedule.id == sid).values(last_run_at=due))
+                    rows.set_last_run(s, sid, due)
             except (TaskexecError, SQLAlchemyError) as e:
                 # The firing is still sent: a restart may fire it once more, never lose it.
                 log.warning("beat: last run of schedule %s not stored: %s", sid, e)
@@ -214,15 +213,14 @@ class DatabaseScheduler(Scheduler):  # type: ignore[misc]
     def _refresh(self) -> None:
         """Re-read the enabled schedules; unchanged entries keep their place in the heap."""
         self._next_refresh = time.monotonic() + self.settings.beat_refresh_seconds
-        cols = (Schedule.id, Schedule.cron, Schedule.every_seconds, Schedule.last_run_at, Schedule.created_at)
         try:
             with self.store.begin() as s:
-                rows = s.execute(select(*cols).where(Schedule.enabled.is_(True))).all()
+                enabled = rows.enabled_schedules(s)
         except (ServiceUnavailableError, SQLAlchemyError) as e:
             log.warning("beat: schedules not re-read, keeping %d: %s", len(self.data), e)
             return
         entries: dict[str, ScheduleEntry] = {_RECONCILE: self.data.get(_RECONCILE) or self._reconcile_entry()}
-        for sid, cron_expr, every_seconds, last_run_at, created_at in rows:
+        for sid, cron_expr, every_seconds, last_run_at, created_at in enabled:
             name = _PREFIX + sid
             try:
                 trigger = cron(cron_expr) if cron_expr else interval(timedelta(seconds=every_seconds or 0))

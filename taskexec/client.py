@@ -20,7 +20,6 @@ import redis
 from celery import Celery
 
 from taskexec.celery_app import close_app, create_app, redis_url
-from taskexec.compiler import compile_plan
 from taskexec.errors import HandlerNotAllowedError, PlanError
 from taskexec.models import (
     FlowState,
@@ -35,6 +34,7 @@ from taskexec.models import (
     TaskStatus,
 )
 from taskexec.plan import Plan
+from taskexec.plan.compiler import compile_plan
 from taskexec.run import producer
 from taskexec.run.ratelimit import RateLimiter, Slots, bucket_key, slots_key
 from taskexec.services import Services

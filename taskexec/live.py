@@ -45,7 +45,8 @@ MAX_ACTIVE_SHOWN = 10
 #: Latest failures listed under a run's bars.
 MAX_FAILURES_SHOWN = 5
 _POLL = 0.5  # seconds between store reads without an event
-_ACTIVE = (TaskStatus.RUNNING, TaskStatus.VALIDATING, TaskStatus.RETRYING, TaskStatus.WAITING_APPROVAL)
+#: Statuses listed under the progress bars: worked on, or waiting for a retry or a person.
+_IN_HAND = (TaskStatus.RUNNING, TaskStatus.VALIDATING, TaskStatus.RETRYING, TaskStatus.WAITING_APPROVAL)
 
 
 def render(
@@ -84,7 +85,7 @@ def render(
             )
         if flow.concurrency:
             lines.append(Text(f"  concurrency: {flow.running}/{flow.concurrency} slots held", style="cyan"))
-    active = [t for t in result.tasks if t.status in _ACTIVE]
+    active = [t for t in result.tasks if t.status in _IN_HAND]
     for t in active[:MAX_ACTIVE_SHOWN]:
         since = f"{(now - t.started_at).total_seconds():5.1f} s" if t.started_at else "      "
         if t.status is TaskStatus.RETRYING:

@@ -20,18 +20,18 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 from celery.schedules import crontab
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from taskexec.errors import BrokerUnavailableError, InvalidInputError
-from taskexec.models import RunManifest, RunStatus
+from taskexec.models import RunManifest
 from taskexec.run import producer
 from taskexec.services import Services
-from taskexec.store.tables import Run, Schedule, utcnow
+from taskexec.store.repository import schedules as rows
+from taskexec.store.tables import Schedule, utcnow
 
 __all__ = [
     "LABEL",
@@ -219,19 +219,18 @@ def get_schedule(session: Session, schedule_id: str) -> ScheduleInfo:
 
 def list_schedules(session: Session) -> list[ScheduleInfo]:
     """Every schedule, oldest first."""
-    return [_info(r) for r in session.scalars(select(Schedule).order_by(Schedule.created_at, Schedule.id))]
+    return [_info(r) for r in rows.schedules(session)]
 
 
 def remove_schedule(session: Session, schedule_id: str) -> None:
     """Delete a schedule (its runs stay); :class:`PlanError` when there is none."""
-    if not session.execute(delete(Schedule).where(Schedule.id == schedule_id)).rowcount:  # type: ignore[attr-defined]
+    if not rows.delete_schedule(session, schedule_id):
         raise InvalidInputError(f"no schedule {schedule_id!r}", path="ID")
 
 
 def set_enabled(session: Session, schedule_id: str, enabled: bool) -> None:
     """Pause or resume a schedule; :class:`PlanError` when there is none."""
-    stmt = update(Schedule).where(Schedule.id == schedule_id).values(enabled=enabled)
-    if not session.execute(stmt).rowcount:  # type: ignore[attr-defined]
+    if not rows.set_schedule_enabled(session, schedule_id, enabled):
         raise InvalidInputError(f"no schedule {schedule_id!r}", path="ID")
 
 
@@ -242,23 +241,6 @@ class Fired:
     outcome: Literal["submitted", "skipped", "ignored"]
     message: str
     run_ids: tuple[str, ...] = ()
-
-
-def _active_runs(session: Session, schedule_id: str) -> list[str]:
-    # Few runs are active at any time: filter their labels here rather than with JSON
-    # operators, which differ between PostgreSQL and SQLite.
-    active = (RunStatus.QUEUED.value, RunStatus.RUNNING.value)
-    rows = session.execute(select(Run.run_id, Run.labels).where(Run.status.in_(active)))
-    return sorted(rid for rid, labels in rows if (labels or {}).get(LABEL) == schedule_id)
-
-
-def _record(session: Session, schedule_id: str, due: datetime, done: Fired) -> None:
-    values: dict[str, Any] = {"last_fired_at": due, "last_outcome": done.message}
-    if done.outcome == "submitted":
-        values |= {"fired": Schedule.fired + 1, "last_run_ids": list(done.run_ids)}
-    else:
-        values["skipped"] = Schedule.skipped + 1
-    session.execute(update(Schedule).where(Schedule.id == schedule_id).values(**values))
 
 
 def fire(svc: Services, schedule_id: str, due: datetime) -> Fired:
@@ -281,15 +263,15 @@ def fire(svc: Services, schedule_id: str, due: datetime) -> Fired:
                 return Fired("ignored", "removed" if row is None else "disabled")
             if row.last_fired_at is not None and row.last_fired_at >= due:
                 return Fired("ignored", f"a firing due at {due.isoformat()} was handled already")
-            active = _active_runs(s, schedule_id) if row.overlap != "allow" else []
+            active = rows.active_runs_labelled(s, LABEL, schedule_id) if row.overlap != "allow" else []
             if active:
                 done = Fired("skipped", f"skipped at {due:%Y-%m-%d %H:%M:%S}: run {active[0]} still active")
-                _record(s, schedule_id, due, done)
+                rows.record_firing(s, schedule_id, due, done.message, None)
                 return done
             manifests = [RunManifest.model_validate(m) for m in row.manifests]
             tenant, labels = row.tenant, {**(row.labels or {}), LABEL: schedule_id}
         run_ids = tuple(producer.submit(svc, m, tenant=tenant, labels=labels) for m in manifests)
         done = Fired("submitted", f"submitted {' '.join(run_ids)} at {due:%Y-%m-%d %H:%M:%S}", run_ids)
         with svc.store.begin() as s:
-            _record(s, schedule_id, due, done)
+            rows.record_firing(s, schedule_id, due, done.message, run_ids)
         return done

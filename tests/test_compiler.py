@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from taskexec.compiler import compile_plan
 from taskexec.errors import DependencyCycleError, HandlerNotAllowedError, PlanError
 from taskexec.models import RunManifest
 from taskexec.plan import parse_plan
+from taskexec.plan.compiler import compile_plan
 from taskexec.settings import Settings
 
 SETTINGS = Settings(allowed_handlers="shell,http,stub,python:tests")
@@ -328,8 +328,8 @@ def _exact(manifests: list[RunManifest]) -> int:
 
 
 def test_the_size_estimate_is_close_to_the_manifests_json() -> None:
-    from taskexec import compiler
-    from taskexec.compiler import _manifest_bytes  # the estimate the limit is checked on
+    from taskexec.plan import compiler
+    from taskexec.plan.compiler import _manifest_bytes  # the estimate the limit is checked on
 
     seen: list[int] = []
 

@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from taskexec.covering import Constraints, Tuples, verify
-from taskexec.matrix import MAX_TUPLES, MatrixSpec, expand, lower_bound
+from taskexec.plan.covering import Constraints, Tuples, verify
+from taskexec.plan.matrix import MAX_TUPLES, MatrixSpec, expand, lower_bound
 
 Params = dict[str, list[Any]]
 Entry = dict[str, Any]
@@ -216,7 +216,7 @@ def test_suites_are_identical_across_processes_and_hash_seeds() -> None:
         ),
     ]
     code = (
-        "import json, sys; from taskexec.matrix import MatrixSpec, expand; "
+        "import json, sys; from taskexec.plan.matrix import MatrixSpec, expand; "
         "print(json.dumps([expand(MatrixSpec.model_validate(s)).cases for s in json.load(sys.stdin)]))"
     )
     # This process hashes strings with a random seed (pytest sets none); the other, with 1.

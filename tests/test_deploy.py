@@ -30,8 +30,8 @@ import yaml
 from taskexec.celery_app import QUEUES, create_app
 from taskexec.cli import main as taskexec_cli
 from taskexec.cli.ops import is_loopback
-from taskexec.compiler import compile_plan
 from taskexec.plan import load_plan
+from taskexec.plan.compiler import compile_plan
 from taskexec.run.messages import HARD_LIMIT_GRACE
 from taskexec.settings import Settings
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from taskexec.cli import main
-from taskexec.compiler import compile_plan
 from taskexec.plan import load_plan, parse_plan
+from taskexec.plan.compiler import compile_plan
 from taskexec.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

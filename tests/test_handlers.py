@@ -167,7 +167,7 @@ def test_shell_commands_get_a_clean_environment(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_the_embedded_fleet_marker_is_one_a_command_inherits() -> None:
-    from taskexec.embedded import _MARKER
+    from taskexec.embedded.processes import MARKER as _MARKER
 
     assert _MARKER in INHERITED  # the embedded fleet's stop finds orphaned commands by it
 

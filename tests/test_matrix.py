@@ -1,6 +1,6 @@
 """Matrix expansion: cartesian, scenario_only and pairwise cases, exclusions, limits, determinism.
 
-Coverage is checked here independently of :mod:`taskexec.matrix`: pairs are read back from
+Coverage is checked here independently of :mod:`taskexec.plan.matrix`: pairs are read back from
 the case dicts, and reachable pairs under exclusions come from a brute-force product.
 """
 
@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from taskexec.matrix import MAX_CASES, MAX_PAIRS, Expansion, MatrixSpec, expand, lower_bound
+from taskexec.plan.matrix import MAX_CASES, MAX_PAIRS, Expansion, MatrixSpec, expand, lower_bound
 
 Params = dict[str, list[Any]]
 Pair = tuple[str, str, str, str]  # (param, value key, param, value key)
@@ -283,8 +283,8 @@ def test_memory_stays_flat_over_many_expansions() -> None:
 
 
 def test_a_plan_manifest_records_cases_and_the_cartesian_count() -> None:
-    from taskexec.compiler import compile_plan
     from taskexec.plan import parse_plan
+    from taskexec.plan.compiler import compile_plan
     from taskexec.settings import Settings
 
     matrix = {"strategy": "pairwise", "max_cases": 4, "params": uniform([3, 3, 3])}

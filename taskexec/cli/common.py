@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, NoReturn, ParamSpec, TypeVar
 import click
 from pydantic import ValidationError
 
-from taskexec.compiler import compile_plan
 from taskexec.errors import (
     HandlerNotAllowedError,
     InvalidInputError,
@@ -21,6 +20,7 @@ from taskexec.errors import (
 )
 from taskexec.models import RunManifest, RunResult, RunStatus
 from taskexec.plan import load_plan
+from taskexec.plan.compiler import compile_plan
 from taskexec.settings import Settings
 
 if TYPE_CHECKING:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from collections import deque
 
-from taskexec.covering.constraints import Row
-from taskexec.covering.suite import Suite
+from taskexec.plan.covering.constraints import Row
+from taskexec.plan.covering.suite import Suite
 
 
 def shrink(

@@ -1,4 +1,4 @@
-"""The plan file: its schema (strict: unknown keys are errors) and loading from YAML or JSON.
+"""Loading a plan from YAML or JSON text, bounded, into the schema's :class:`Plan`.
 
 Every error is a :class:`~taskexec.errors.PlanError` (E001) naming the field path, e.g.
 ``E001 tasks[1].tasks[0].timeout: must be greater than 0``.
@@ -16,36 +16,29 @@ Example:
 
 from __future__ import annotations
 
-import gc
 import itertools
 import json
 import re
-import threading
 from array import array
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import ValidationError
 from yaml.composer import Composer
 from yaml.constructor import SafeConstructor
 from yaml.resolver import Resolver
 
 from taskexec.errors import PlanError
-from taskexec.matrix import MatrixSpec
-from taskexec.models import Notify, PathCriterion, RateLimit, StopConditions, ValidatorCriterion
+from taskexec.plan.gcpause import full_collections_held
+from taskexec.plan.schema import Plan, plan_error_from
 
 __all__ = [
     "MAX_ALIAS_EXPANSION",
     "MAX_MANIFEST_BYTES",
     "MAX_PLAN_BYTES",
     "MAX_PLAN_DEPTH",
-    "Defaults",
-    "Plan",
-    "PlanTask",
-    "Policy",
-    "RetrySpec",
     "load_plan",
     "parse_plan",
 ]
@@ -63,171 +56,6 @@ MAX_ALIAS_EXPANSION = MAX_PLAN_BYTES
 #: Largest compiled plan: the JSON of all its manifests (matrices and variants multiply a
 #: plan's tasks and params). Stored with each run and read by every worker process.
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
-
-_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,199}$"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class RetrySpec(_Strict):
-    """Retry fields given in a plan; unset fields come from the enclosing level."""
-
-    max_attempts: int | None = Field(None, ge=1, le=100)
-    backoff: float | None = Field(None, ge=0, le=86_400)
-    multiplier: float | None = Field(None, ge=1, le=100)
-    max_backoff: float | None = Field(None, ge=0, le=86_400)
-    jitter: bool | None = None
-
-
-class Policy(_Strict):
-    """Execution policy fields that a plan's defaults, a group or a task may set."""
-
-    timeout: float | None = Field(None, gt=0)
-    retry: RetrySpec | None = None
-    priority: int | None = Field(None, ge=0, le=9)
-    rate_limit: str | None = None
-
-
-class Defaults(Policy):
-    """Execution policy for every task of the plan, overridable per group or task."""
-
-    concurrency: int | None = Field(None, ge=1, description="tasks of a run executing at once")
-
-
-def _criterion_kind(value: Any) -> str:
-    if isinstance(value, Mapping) and "validator" in value:
-        return "validator"
-    return "path"
-
-
-PlanCriterion = Annotated[
-    Annotated[PathCriterion, Tag("path")] | Annotated[ValidatorCriterion, Tag("validator")],
-    Discriminator(_criterion_kind),
-]
-
-
-class PlanTask(Policy):
-    """A task of the plan: atomic (with a handler) or a group (with child ``tasks``)."""
-
-    id: str = Field(pattern=_ID_PATTERN)
-    name: str | None = None
-    handler: str | None = Field(None, min_length=1)
-    params: dict[str, Any] = Field(default_factory=dict)
-    depends_on: list[str] = Field(default_factory=list)
-    inputs: list[str] = Field(default_factory=list)
-    output: str | None = Field(None, pattern=_ID_PATTERN)
-    matrix: MatrixSpec | None = None
-    criteria: list[PlanCriterion] = Field(default_factory=list, alias="validate")
-    secret_params: list[str] = Field(
-        default_factory=list, description="params holding the name of a worker environment variable"
-    )
-    tasks: list[PlanTask] | None = None
-
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
-
-
-class Plan(_Strict):
-    """A whole plan file."""
-
-    id: str | None = Field(None, pattern=_ID_PATTERN)
-    name: str | None = None
-    description: str | None = None
-    defaults: Defaults = Field(default_factory=Defaults)
-    rate_limits: dict[str, RateLimit] = Field(default_factory=dict)
-    stop: StopConditions = Field(default_factory=StopConditions)
-    concurrency: int | None = Field(None, ge=1, description="tasks of a run executing at once, fleet-wide")
-    notify: list[Notify] = Field(default_factory=list, description="webhooks for run events")
-    variants: dict[str, dict[str, Any]] | None = Field(None, min_length=1)
-    tasks: list[PlanTask] = Field(min_length=1)
-
-    @property
-    def plan_id(self) -> str:
-        """The plan's id: ``id``, else its ``name`` as a slug, else ``plan``."""
-        if self.id:
-            return self.id
-        if self.name:
-            slug = re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
-            if slug:
-                return slug[:200]
-        return "plan"
-
-
-class _FullCollectionsHeld:
-    """Holds back CPython's full garbage collections while a plan or its manifests are built.
-
-    Loading and compiling a 100k-task plan makes well over a million container objects
-    (models, their dicts and lists) in one go. CPython runs a full collection, which walks
-    every live container, each time the objects that survived the young generations reach a
-    quarter of the heap: ten of them here, over a heap that no longer fits in the CPU cache.
-    They took two thirds of the time (6.3 s of 9.5 s, measured) and made it grow faster than
-    the plan. Young collections still run (cheap: recent objects, in cache); the threshold
-    comes back when the build ends, and the next full collection walks the new objects once,
-    as it does for any long-lived data. Nothing is left uncollected.
-
-    Rejected: ``gc.disable()``. The first collections after it walk the whole build cold,
-    as the young and then the middle generation, before the full one: slower in total,
-    measured. Concurrent builds nest: the first saves the threshold, the last restores it
-    (under a lock, so that no build saves another's raised value as the one to restore).
-    """
-
-    _NO_FULL = 1 << 30  # a gen-2 threshold that is never reached
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._depth = 0
-        self._saved = 0
-
-    def __enter__(self) -> None:
-        with self._lock:
-            if self._depth == 0:
-                young, middle, self._saved = gc.get_threshold()
-                gc.set_threshold(young, middle, self._NO_FULL)
-            self._depth += 1
-
-    def __exit__(self, *exc: object) -> None:
-        with self._lock:
-            self._depth -= 1
-            if self._depth == 0:
-                young, middle, _ = gc.get_threshold()
-                gc.set_threshold(young, middle, self._saved)
-
-
-#: ``with full_collections_held:`` around building many objects at once.
-full_collections_held = _FullCollectionsHeld()
-
-
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for i, part in enumerate(loc):
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif i >= 2 and loc[i - 2] == "validate" and isinstance(loc[i - 1], int):
-            continue  # the union's tag ("path" or "validator"), not a field
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "plan"
-
-
-def _message(err: Any) -> str:
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        return "unknown field"
-    if kind == "missing":
-        return "field required"
-    if kind == "string_pattern_mismatch":
-        return f"{err['input']!r} is not a valid id (letters, digits, _ . : -; at most 200 characters)"
-    msg = str(err["msg"])
-    return msg[0].lower() + msg[1:] if msg else kind
-
-
-def plan_error_from(exc: ValidationError) -> PlanError:
-    """The first error of a pydantic validation as a :class:`PlanError` with its field path."""
-    errors = exc.errors()
-    first = errors[0]
-    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
-    return PlanError(_message(first) + more, path=_field_path(tuple(first["loc"])))
 
 
 try:

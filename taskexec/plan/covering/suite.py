@@ -8,8 +8,8 @@ from array import array
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-from taskexec.covering.constraints import Constraints, Row
-from taskexec.covering.tuples import Tuples
+from taskexec.plan.covering.constraints import Constraints, Row
+from taskexec.plan.covering.tuples import Tuples
 
 
 class Suite:

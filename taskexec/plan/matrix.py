@@ -8,7 +8,7 @@
   at strength 3 and 4 (allpairspy's ``n=3`` suites miss a third to two thirds of the
   triples), and where allpairspy would spend more than its budget, from a greedy builder. Required cases
   (``include``) come first, completed by the builder; tuples the draft misses get cases
-  built for them; then :mod:`taskexec.covering` shrinks the suite by post-optimisation,
+  built for them; then :mod:`taskexec.plan.covering` shrinks the suite by post-optimisation,
   for a budget of steps set by ``effort``, and recounts its coverage from scratch.
   ``max_cases`` keeps the required cases and then those that cover the most tuples, and
   the expansion says how many the full suite needs.
@@ -32,19 +32,17 @@ Example:
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import json
 import math
 import random
-import threading
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from allpairspy import AllPairs, pairs_storage
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from taskexec.covering import SEED, Constraints, Row, Rule, Suite, Tuples, lower_bound, shrink, verify
+from taskexec.plan.covering import SEED, Constraints, Row, Rule, Suite, Tuples, lower_bound, shrink, verify
+from taskexec.plan.draft import allpairs, draft_cost, most_covering, tuple_count
 
 __all__ = [
     "MAX_CASES",
@@ -63,13 +61,10 @@ MAX_CASES = 100_000
 #: million tuples take 11 MB, and a change of one cell touches every tuple holding it.
 MAX_TUPLES = 1_000_000
 MAX_PAIRS = MAX_TUPLES  # its name before strength 3 and 4
-#: The most a draft may cost, in seconds of this machine as :func:`_draft_cost` estimates
+#: The most a draft may cost, in seconds of this machine as :func:`draft_cost` estimates
 #: them, and the memory the search may hold; above either, expand() refuses the matrix.
 MAX_DRAFT_SECONDS = 5.0
 MAX_MEMORY = 512 * 2**20
-#: allpairspy's work per second here, in the units of _allpairs's cost model (fitted on a
-#: dozen shapes; 2^100 costs 5.4 M units in 1.2 s).
-_ALLPAIRS_RATE = 4_500_000
 #: Exclusion checks the completability search may make in one expansion (a few seconds):
 #: partial assignments can encode any satisfiability problem, so some cap is needed.
 _SEARCH_BUDGET = 10_000_000
@@ -79,7 +74,7 @@ Effort = Literal["fast", "balanced", "thorough"]
 
 @dataclass(frozen=True)
 class _Effort:
-    """What one effort level spends: units of work, never seconds (see taskexec.covering.shrink).
+    """What one effort level spends: units of work, never seconds (see taskexec.plan.covering.shrink).
 
     The post-optimiser's budget and its attempt at one deletion grow with the model's
     tuples, up to a cap: a small model reaches its best size in a few thousand steps and
@@ -213,99 +208,6 @@ class _Space:
         return math.prod(self.sizes)
 
 
-# allpairspy memoises every value combination it meets in a module-level dict
-# (pairs_storage.key_cache) keyed by its per-call Item objects, so the dict only grows:
-# megabytes per call in a long-lived producer. Entries are garbage once a call ends, so
-# each call is followed by a clear. The lock keeps two of our calls (threads) from clearing
-# under each other; a foreign caller of allpairspy in another thread could still lose a
-# cache entry mid-lookup, which no public allpairspy API lets us avoid.
-_ALLPAIRS_LOCK = threading.Lock()
-
-
-class _OutOfBudget(Exception):
-    """allpairspy spent its budget: keep the cases it built so far."""
-
-
-def _allpairs_unit(k: int, size: int) -> int:
-    # allpairspy offers no hook, so its work is counted from outside. Choosing the k-th value
-    # weighs every candidate against the k-1 chosen ones, then sorts them: a fit of its run
-    # time over a dozen model shapes gives size * (k^2/2 + 1.6 k + 12 + 0.7 log2 size), within 15%.
-    return size * (k * k + 3 * k + 24 + size.bit_length()) // 2
-
-
-def _allpairs(cons: Constraints, order: list[int], budget: int) -> tuple[list[Row], int, bool]:
-    """allpairspy's suite with the parameters in ``order``, as rows in declaration order.
-
-    Returns:
-        The rows, the work spent and whether allpairspy finished within ``budget``.
-    """
-    sizes = [cons.sizes[i] for i in order]
-    n = len(order)
-    spent = 0
-    check_cost = 3 * sum(len(rule) for rule in cons.rules)  # completable() below, in these units
-
-    def viable(partial: list[int]) -> bool:
-        nonlocal spent
-        spent += _allpairs_unit(len(partial), sizes[len(partial) - 1]) + check_cost
-        if spent > budget:
-            raise _OutOfBudget
-        if not cons.rules:
-            return True
-        row: list[int | None] = [None] * n
-        for pos, v in enumerate(partial):
-            row[order[pos]] = v
-        # Completability, not just "no exclusion matched yet": allpairspy backtracks one
-        # parameter at a time, exponentially, out of a prefix that only looks viable.
-        return cons.completable(row)
-
-    rows: list[Row] = []
-    complete = True
-    with _ALLPAIRS_LOCK:
-        try:
-            for found in AllPairs([list(range(s)) for s in sizes], filter_func=viable):
-                row = [0] * n
-                for pos, v in enumerate(found):
-                    row[order[pos]] = v
-                rows.append(tuple(row))
-        except _OutOfBudget:
-            complete = False
-        finally:
-            pairs_storage.key_cache.clear()
-    return rows, spent, complete
-
-
-def _tuple_count(sizes: list[int], t: int) -> int:
-    """The value t-tuples of a model: the t-th elementary symmetric sum of its sizes."""
-    e = [1] + [0] * t
-    for s in sizes:
-        for j in range(t, 0, -1):
-            e[j] += e[j - 1] * s
-    return e[t]
-
-
-def _draft_cost(sizes: list[int], t: int, effort: _Effort) -> tuple[int, float, bool]:
-    """Before any work: the draft's rows and seconds (estimated), and whether allpairspy makes it.
-
-    Rows: the lower bound times ln(parameters), within 30% of what greedy builders give on
-    the benchmark's models. Seconds: allpairspy's cost model at strength 2 when it fits its
-    budget, else the greedy builder's: for each row, each column weighs its values against
-    every (t-1)-set of the columns set before it, in byte lanes at strength 2 (5^200: 11.6 s
-    measured, 10.7 estimated, two tries a row), one tuple at a time above (2^16 at strength
-    4: 1.6 s, 3^13 at strength 3: 0.4 s).
-    """
-    k = len(sizes)
-    rows = max(lower_bound(sizes, t), round(lower_bound(sizes, t) * math.log(k)))
-    if t == 2:
-        per_row = sum(_allpairs_unit(p + 1, s) for p, s in enumerate(sizes))
-        if rows * per_row <= effort.allpairs:
-            return rows, rows * per_row / _ALLPAIRS_RATE, True
-    if t == 2:
-        per_row = sum(12 * p + 4 * s for p, s in enumerate(sizes))
-    else:
-        per_row = sum(math.comb(p, t - 1) * (4 * t + s) for p, s in enumerate(sizes)) * 10 // 3
-    return rows, rows * per_row * effort.tries / 6_000_000, False
-
-
 def expand(spec: MatrixSpec) -> Expansion:
     """The cases of a matrix.
 
@@ -381,15 +283,15 @@ def _pairwise(spec: MatrixSpec, space: _Space) -> Expansion:
         made = suite.build(partial, rng, effort.tries)
         assert made is not None  # completable, checked above
         suite.add(made, locked=frozenset(i for i, v in enumerate(partial) if v is not None))
-    _, _, fits = _draft_cost(sizes, t, effort)
+    _, _, fits = draft_cost(sizes, t, effort.allpairs, effort.tries)
     if fits:
         declared = list(range(len(sizes)))
-        rows, spent, complete = _allpairs(cons, declared, effort.allpairs)
+        rows, spent, complete = allpairs(cons, declared, effort.allpairs)
         # allpairspy is greedy in parameter order: largest domains first often gives a
         # smaller suite. Tried only when the first run left room for a second one as long.
         by_size = sorted(declared, key=lambda i: -sizes[i])
         if by_size != declared and complete and 2 * spent <= effort.allpairs:
-            other, _, done = _allpairs(cons, by_size, effort.allpairs - spent)
+            other, _, done = allpairs(cons, by_size, effort.allpairs - spent)
             if done and len(other) < len(rows):
                 rows = other
         for r in rows:
@@ -402,11 +304,11 @@ def _pairwise(spec: MatrixSpec, space: _Space) -> Expansion:
     ordered = shrink(suite, *effort.budget(tuples.total), floor, rng)
     total, held = verify(tuples, cons, ordered)
     if held != total:
-        raise AssertionError(f"coverage {held}/{total}: a bug in taskexec.matrix")
+        raise AssertionError(f"coverage {held}/{total}: a bug in taskexec.plan.matrix")
     if len(ordered) > (limit or MAX_CASES):
         if limit is None:
             raise ValueError(f"the pairwise suite has {len(ordered)} cases, above the limit of {MAX_CASES}")
-        kept, covered = _most_covering(ordered, len(required), tuples, limit)
+        kept, covered = most_covering(ordered, len(required), tuples, limit)
     else:
         kept, covered = ordered, held
     return Expansion(
@@ -424,7 +326,7 @@ def _pairwise(spec: MatrixSpec, space: _Space) -> Expansion:
 def _check_size(sizes: list[int], t: int, effort: _Effort, constrained: bool) -> None:
     """Refuse, before any work, a matrix above the tuple, case, time or memory limits."""
     what = f"{len(sizes)} parameters, {sum(sizes)} values"
-    count = _tuple_count(sizes, t)
+    count = tuple_count(sizes, t)
     kind = "pairs" if t == 2 else f"{t}-tuples"
     if count > MAX_TUPLES:
         name = "pairwise" if t == 2 else f"strength-{t}"
@@ -438,7 +340,7 @@ def _check_size(sizes: list[int], t: int, effort: _Effort, constrained: bool) ->
             f"a suite of strength {t} of this matrix needs at least {bound} cases, "
             f"above the limit of {MAX_CASES}: use strategy cartesian with max_cases"
         )
-    rows, seconds, _ = _draft_cost(sizes, t, effort)
+    rows, seconds, _ = draft_cost(sizes, t, effort.allpairs, effort.tries)
     memory = count * 12 + math.comb(len(sizes), t) * (200 + 8 * rows)
     if seconds > MAX_DRAFT_SECONDS or memory > MAX_MEMORY:
         raise ValueError(
@@ -446,32 +348,3 @@ def _check_size(sizes: list[int], t: int, effort: _Effort, constrained: bool) ->
             f"would take about {seconds:.0f} s and {memory / 2**20:.0f} MiB, above the limits of "
             f"{MAX_DRAFT_SECONDS:.0f} s and {MAX_MEMORY // 2**20} MiB: lower the strength or split the matrix"
         )
-
-
-def _most_covering(rows: list[Row], keep: int, tuples: Tuples, limit: int) -> tuple[list[Row], int]:
-    """The first ``keep`` rows, then those that cover the most tuples, picked greedily, up to ``limit``.
-
-    Coverage is submodular: a row's gain only falls as rows are picked, so a popped row whose
-    fresh gain still tops the heap is the greedy choice without re-scoring the others.
-    """
-    seen = bytearray(tuples.total)
-    picked: list[Row] = []
-    covered = 0
-    heap = [(-len(tuples.sets), r) for r in range(keep, len(rows))]  # every row's gain bound
-    for r in range(keep):
-        fresh = [i for i in tuples.index(rows[r]) if not seen[i]]
-        for i in fresh:
-            seen[i] = 1
-        covered += len(fresh)
-        picked.append(rows[r])
-    while heap and len(picked) < limit:
-        _, r = heapq.heappop(heap)
-        fresh = [i for i in tuples.index(rows[r]) if not seen[i]]
-        if heap and len(fresh) < -heap[0][0]:
-            heapq.heappush(heap, (-len(fresh), r))
-            continue
-        for i in fresh:
-            seen[i] = 1
-        covered += len(fresh)
-        picked.append(rows[r])
-    return picked, covered

@@ -10,7 +10,7 @@ from array import array
 from collections.abc import Sequence
 from typing import cast
 
-from taskexec.covering.constraints import Constraints, Row
+from taskexec.plan.covering.constraints import Constraints, Row
 
 
 def lower_bound(sizes: Sequence[int], t: int = 2) -> int:
@@ -137,7 +137,7 @@ def verify(tuples: Tuples, cons: Constraints, rows: Sequence[Row]) -> tuple[int,
     seen = bytearray(tuples.total)
     for row in rows:
         if not cons.allowed(row):
-            raise AssertionError(f"an excluded case in the suite: {row}: a bug in taskexec.covering")
+            raise AssertionError(f"an excluded case in the suite: {row}: a bug in taskexec.plan.covering")
         for i in tuples.index(row):
             seen[i] = 1
     held = seen.count(1)
@@ -149,7 +149,7 @@ def verify(tuples: Tuples, cons: Constraints, rows: Sequence[Row]) -> tuple[int,
             partial[c] = v
         if cons.completable(partial):
             raise AssertionError(
-                f"tuple {cols}={vals} is reachable but not covered: a bug in taskexec.covering"
+                f"tuple {cols}={vals} is reachable but not covered: a bug in taskexec.plan.covering"
             )
         missing += 1
         k += 1

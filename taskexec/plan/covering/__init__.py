@@ -1,7 +1,7 @@
 """Covering arrays of strength t: built greedily, shrunk by post-optimisation, verified.
 
 A suite of strength t holds, for every t parameters and every choice of one value of each,
-a row with those values (a *t-tuple*). :mod:`taskexec.matrix` drafts one (allpairspy at
+a row with those values (a *t-tuple*). :mod:`taskexec.plan.matrix` drafts one (allpairspy at
 strength 2); this module indexes the t-tuples, completes a draft greedily, and shrinks it:
 
 1. delete the row that alone holds the fewest tuples;
@@ -24,15 +24,15 @@ flat lists and bytearrays; a change of one cell is scored by two ANDs and popcou
 masks at strength 2, by C-level ``map`` over precomputed index arithmetic above, never by
 a Python loop over the tuples (the loop took five times as long on 10^20).
 
-Modules: :mod:`~taskexec.covering.constraints` (exclusions), :mod:`~taskexec.covering.tuples`
-(numbering, lower bound, verifier), :mod:`~taskexec.covering.suite` (the state and the
-greedy builder), :mod:`~taskexec.covering.search` (post-optimisation).
+Modules: :mod:`~taskexec.plan.covering.constraints` (exclusions), :mod:`~taskexec.plan.covering.tuples`
+(numbering, lower bound, verifier), :mod:`~taskexec.plan.covering.suite` (the state and the
+greedy builder), :mod:`~taskexec.plan.covering.search` (post-optimisation).
 """
 
-from taskexec.covering.constraints import Constraints, Row, Rule
-from taskexec.covering.search import shrink
-from taskexec.covering.suite import Suite
-from taskexec.covering.tuples import Tuples, lower_bound, verify
+from taskexec.plan.covering.constraints import Constraints, Row, Rule
+from taskexec.plan.covering.search import shrink
+from taskexec.plan.covering.suite import Suite
+from taskexec.plan.covering.tuples import Tuples, lower_bound, verify
 
 __all__ = ["SEED", "Constraints", "Row", "Rule", "Suite", "Tuples", "lower_bound", "shrink", "verify"]
 
