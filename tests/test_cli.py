@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from tests.conftest import fresh_database
 
@@ -44,6 +45,7 @@ def plan(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.integration
 def test_an_unreachable_broker_is_exit_3(plan: Path, tmp_path: Path) -> None:
     env = {
         "TASKEXEC_BROKER_URL": "redis://127.0.0.1:1/0",
@@ -53,6 +55,7 @@ def test_an_unreachable_broker_is_exit_3(plan: Path, tmp_path: Path) -> None:
     one_clear_line(taskexec("submit", str(plan), env=env), 3, "E013")
 
 
+@pytest.mark.integration
 def test_an_unreachable_database_is_exit_3(plan: Path) -> None:
     env = {
         "TASKEXEC_BROKER_URL": "redis://127.0.0.1:6379/15",
@@ -69,6 +72,7 @@ def test_a_database_without_the_schema_says_so(plan: Path) -> None:
         one_clear_line(taskexec("status", "abc", env=env), 3, "taskexec db upgrade")
 
 
+@pytest.mark.integration
 def test_bad_arguments_are_exit_2(plan: Path, tmp_path: Path) -> None:
     env = {"TASKEXEC_HOME": str(tmp_path / "home")}
     one_clear_line(taskexec("status", "no-such-run", env=env), 2, "E001")
@@ -85,9 +89,11 @@ def test_bad_arguments_are_exit_2(plan: Path, tmp_path: Path) -> None:
 def test_every_command_has_help() -> None:
     from taskexec.cli import main
 
-    for name in main.commands:
-        p = taskexec(name, "--help")
-        assert p.returncode == 0 and "Usage:" in p.stdout, name
+    p = taskexec("--help")  # the installed entry point, once
+    assert p.returncode == 0 and "Usage:" in p.stdout
+    for name in main.commands:  # every command, in process
+        r = CliRunner().invoke(main, [name, "--help"])
+        assert r.exit_code == 0 and "Usage:" in r.output, name
 
 
 def test_a_worker_warns_of_a_redis_without_password_off_loopback() -> None:

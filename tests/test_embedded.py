@@ -175,6 +175,7 @@ def long_plan(home: Path) -> dict[str, Any]:
     }
 
 
+@pytest.mark.integration
 def test_success_leaves_nothing_and_results_outlive_the_run(home: Path) -> None:
     p = taskexec(home, "run", str(ROOT / "examples" / "quickstart.yaml"), "--json")
     assert p.returncode == 0, p.stderr
@@ -193,6 +194,7 @@ def test_success_leaves_nothing_and_results_outlive_the_run(home: Path) -> None:
     assert_nothing_left(home)  # reading results starts nothing
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_failure_leaves_nothing(home: Path) -> None:
     doc = {
@@ -211,6 +213,7 @@ def test_failure_leaves_nothing(home: Path) -> None:
     assert_nothing_left(home)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_cancels_the_run_and_stops_everything(home: Path, sig: signal.Signals) -> None:
@@ -241,6 +244,7 @@ def test_a_signal_cancels_the_run_and_stops_everything(home: Path, sig: signal.S
     }
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_a_killed_worker_ends_the_run_with_exit_3(home: Path) -> None:
     proc = start(home, "run", str(write_plan(home, long_plan(home))))
@@ -264,6 +268,7 @@ def test_a_killed_worker_ends_the_run_with_exit_3(home: Path) -> None:
     assert run["status"] == "error"
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_two_embedded_runs_in_different_homes_at_once() -> None:
     homes = [Path(tempfile.mkdtemp(prefix="tx-", dir="/tmp")) / "home" for _ in range(2)]
@@ -306,6 +311,7 @@ def test_interrupt_on_signals_keeps_an_ignored_signal_ignored() -> None:
         signal.signal(signal.SIGTERM, before)
 
 
+@pytest.mark.integration
 def test_check_reports_a_dead_worker(home: Path) -> None:
     fleet = EmbeddedFleet(home)
     fleet.worker_proc = subprocess.Popen([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"])
@@ -315,6 +321,7 @@ def test_check_reports_a_dead_worker(home: Path) -> None:
     assert str(caught.value).startswith("E011")
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_the_fleet_in_process_with_a_home_too_long_for_a_socket(tmp_path: Path) -> None:
     fleet = EmbeddedFleet(tmp_path / ("x" * 120), concurrency=1)
@@ -332,6 +339,7 @@ def test_the_fleet_in_process_with_a_home_too_long_for_a_socket(tmp_path: Path) 
     assert {"redis", "store", "startup", "shutdown"} <= set(fleet.timings)
 
 
+@pytest.mark.integration
 def test_the_workers_get_the_operator_limits_on_what_a_plan_reaches(tmp_path: Path) -> None:
     base = Settings(secrets="OPENAI_*,SCORER_KEY", shell_user="nobody", http_allow="127.0.0.1,*.svc")
     env = EmbeddedFleet(tmp_path, base=base).env()
@@ -352,6 +360,7 @@ def test_every_example_plan_compiles() -> None:
         assert compile_plan(load_plan(str(path))), path
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_the_examples_run() -> None:
     homes = [Path(tempfile.mkdtemp(prefix="tx-", dir="/tmp")) / "home" for _ in range(3)]
@@ -404,6 +413,7 @@ def waiting_gate(home: Path) -> str | None:
     return None if row is None else str(row[0])
 
 
+@pytest.mark.integration
 def test_an_embedded_run_is_approved_from_another_terminal(home: Path) -> None:
     doc = {
         "tasks": [

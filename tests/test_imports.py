@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 _SCRIPT = r"""
@@ -41,6 +43,7 @@ def modules() -> list[str]:
     return names
 
 
+@pytest.mark.integration  # a process per module: the full suite's tier
 def test_every_module_imports_first_and_alone() -> None:
     names = modules()
     assert "workers.validators" in names and "taskexec.handlers" in names

@@ -18,7 +18,7 @@ from sqlalchemy import event, func, select, update
 
 import workers.tasks
 from taskexec import RunStatus, Settings, TaskStatus, compile_plan, parse_plan
-from taskexec.errors import BrokerUnavailableError, DatabaseUnavailableError
+from taskexec.errors import BrokerUnavailableError
 from taskexec.models import ErrorCode, ManifestTask, RunManifest
 from taskexec.run import messages, producer
 from taskexec.run import reconcile as reconciler
@@ -469,8 +469,8 @@ def test_a_run_timeout_stops_the_run_at_its_next_stage(harness: Harness) -> None
 
 
 def _failed_after_a_cancel(harness: Harness) -> str:
-    """A run cancelled while its one task ran; the handler then failed (attempts remain),
-    and the retry's message was delivered."""
+    """A run cancelled while its one task ran; the handler then failed (attempts remain):
+    no retry, the task ends cancelled and the run with it; a late copy changes nothing."""
     run_id = harness.started(
         "tasks: [{id: busy, handler: 'python:tests.standin:counted', params: {fail_attempts: 1},"
         " retry: {max_attempts: 3, backoff: 0}}]"
@@ -479,8 +479,9 @@ def _failed_after_a_cancel(harness: Harness) -> str:
     assert number == 1
     assert producer.cancel(harness.svc, run_id) is RunStatus.RUNNING
     Attempt(harness.rt, run_id, task, number).run({}, None)  # the handler fails after the cancel
-    assert harness.statuses(run_id)["busy"] is _T.RETRYING
-    harness.execute(run_id, "busy")  # its retry's message
+    assert harness.statuses(run_id)["busy"] is _T.CANCELLED
+    assert RunStatus(harness.run(run_id).status) is RunStatus.CANCELLED  # at once, not after a backoff
+    harness.execute(run_id, "busy")  # a copy of its message
     return run_id
 
 
@@ -491,27 +492,12 @@ def test_a_failure_after_a_cancel_is_not_tried_again(harness: Harness) -> None:
     assert standin.calls[(run_id, "busy")] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="workers/runner.py execute: the stop path calls settled() -> finalize() inside the "
-    "transaction that cancels the task, before it commits; finalize reads the task as still "
-    "retrying and leaves the cancelled run 'running' (until a chord body or the reconciler)",
-)
 def test_the_last_task_of_a_cancelled_run_ends_it(harness: Harness) -> None:
     run_id = _failed_after_a_cancel(harness)
     assert harness.statuses(run_id) == {"busy": _T.CANCELLED}
     assert RunStatus(harness.run(run_id).status) is RunStatus.CANCELLED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=DatabaseUnavailableError,
-    reason="workers/runner.py execute: the stop path calls settled() -> release() inside the "
-    "transaction that cancels the task; release's stop_waiting writes from a second connection "
-    "while the first holds the lock (SQLite: 'database is locked' after busy_timeout, 30 s by "
-    "default, the store locked meanwhile; PostgreSQL: release sees the task running, the run "
-    "is left running)",
-)
 def test_a_lost_task_of_a_stopped_run_is_cancelled_by_the_reconcilers_copy(harness: Harness) -> None:
     # A short busy timeout (the store's is 30 s): a lock wait fails fast.
     event.listen(harness.svc.store.engine, "connect", lambda conn, _: conn.execute("PRAGMA busy_timeout=50"))
@@ -621,12 +607,6 @@ def test_retry_reopens_the_failure_and_what_it_skipped(harness: Harness) -> None
     assert (harness.tasks(run_id)["bad"].status, harness.tasks(run_id)["bad"].attempts) == ("succeeded", 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="taskexec/run/reconcile.py: a run's stop.timeout counts from started_at, which "
-    "`taskexec retry` keeps (set_run_status coalesces it, start_retry does not clear it): the "
-    "reconciler's next round stops a retried run again as timed out and cancels the reopened tasks",
-)
 def test_a_retried_timed_out_run_is_not_stopped_again_by_the_reconciler(harness: Harness) -> None:
     run_id = harness.started(
         """

@@ -172,6 +172,7 @@ def terminal_env(home: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_run_on_a_terminal_shows_the_live_view_then_the_table(home: Path) -> None:
     quickstart = str(ROOT / "examples" / "quickstart.yaml")
@@ -232,6 +233,7 @@ def long_run(home: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
             proc.communicate()
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_watch_follows_a_run_in_progress_through_its_events(
     home: Path, long_run: tuple[subprocess.Popen[str], str]
@@ -282,6 +284,7 @@ def test_watch_follows_a_run_in_progress_through_its_events(
     assert_nothing_left(home)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_watch_after_the_run_reads_the_store(home: Path) -> None:
     doc = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import itertools
 import json
+import re
 import tracemalloc
 from typing import Any
 
@@ -361,3 +362,29 @@ def test_cartesian_and_scenario_only_with_exclusions(
         exp = expand(spec)
         assert exp.cases == want
         assert exp.truncated == (strategy == "cartesian" and len(allowed) > max_cases)
+
+
+def test_compile_says_the_strength_effort_and_lower_bound(tmp_path: Any) -> None:
+    from click.testing import CliRunner
+
+    from taskexec.cli import main
+
+    plan = tmp_path / "m.yaml"
+    matrices = [
+        {"strategy": "pairwise", "strength": 3, "effort": "fast", "params": uniform([3, 3, 2, 4])},
+        {"strategy": "pairwise", "max_cases": 4, "params": uniform([3, 3, 3])},
+        {"strategy": "cartesian", "params": uniform([2, 2])},
+    ]
+    tasks = [{"id": f"m{k}", "handler": "stub", "matrix": m} for k, m in enumerate(matrices)]
+    plan.write_text(json.dumps({"tasks": tasks}))
+    out = CliRunner().invoke(main, ["compile", str(plan)], env={"TASKEXEC_ALLOWED_HANDLERS": "stub"})
+    assert out.exit_code == 0, out.output
+    lines = [line.strip() for line in out.output.splitlines() if line.strip().startswith("matrix")]
+    assert lines[0].startswith("matrix m0: pairwise (strength 3, effort fast), ")
+    assert lines[0].endswith("of 72 combinations, lower bound 36")
+    kept = r"matrix m1: pairwise \(strength 2, effort balanced\), kept 4 of the 9 needed: (\d+)/27 pairs, "
+    kept += "lower bound 9"
+    found = re.fullmatch(kept, lines[1])
+    assert found is not None, lines[1]
+    assert 0 < int(found[1]) < 27
+    assert lines[2] == "matrix m2: cartesian, 4 of 4 combinations"

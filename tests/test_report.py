@@ -246,6 +246,7 @@ def home() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_run_and_results_write_valid_junit_for_every_variant(home: Path, schema: xmlschema.XMLSchema) -> None:
     doc = {

@@ -245,9 +245,22 @@ class Attempt:
         # Redis keeps countdown (ETA) messages in worker memory and delivers them again past
         # the visibility timeout: a backoff longer than half of it waits in the store instead.
         deferred = delay > rt.settings.visibility_timeout / 2
-        change = patiently(
-            rt,
-            lambda s: repo.set_task_status(
+
+        def write(s: Session) -> tuple[Change | None, str | None]:
+            reason = repo.stop_reason(s, run_id)
+            if reason is not None:  # the run is stopping: no retry would start, end it now
+                return repo.set_task_status(
+                    s,
+                    run_id,
+                    task.id,
+                    _T.CANCELLED,
+                    allowed_from=[_T.RUNNING, _T.VALIDATING],
+                    attempt=self.number,
+                    error_code=ErrorCode.CANCELLED,
+                    message=f"run stopped: {reason}",
+                    lease_until=None,
+                ), reason
+            return repo.set_task_status(
                 s,
                 run_id,
                 task.id,
@@ -259,11 +272,14 @@ class Attempt:
                 not_before=utcnow() + timedelta(seconds=delay),
                 deferred=deferred,
                 lease_until=None,
-            ),
-        )
+            ), None
+
+        change, stopped = patiently(rt, write)
         if change is None:
             return Outcome(record(run_id, task.id, current_status(rt, run_id, task.id)))
         events.publish(rt.redis, [change])
+        if stopped is not None:
+            return settled(rt, run_id, task, _T.CANCELLED, self.detached, stopping=stopped == "cancelled")
         if deferred:
             return Outcome(record(run_id, task.id, _T.RETRYING))
         return Outcome(

@@ -19,7 +19,7 @@ import threading
 import time
 from datetime import timedelta
 
-import redis
+from redis import Redis, RedisError
 
 from taskexec.errors import DatabaseUnavailableError
 from taskexec.run import events
@@ -38,17 +38,17 @@ class CancelCheck:
     """``ctx.is_cancelled``: the run was cancelled (Redis flag, asked at most twice a second),
     or this attempt lost its claim (the heartbeat found the task taken over)."""
 
-    def __init__(self, client: redis.Redis | None, run_id: str) -> None:
-        self.client, self.key = client, events.cancel_key(run_id)
+    def __init__(self, redis: Redis | None, run_id: str) -> None:
+        self.redis, self.key = redis, events.cancel_key(run_id)
         self.checked, self.value = 0.0, False
         self.lost = threading.Event()
 
     def __call__(self) -> bool:
         now = time.monotonic()
-        if not self.value and self.client is not None and now - self.checked >= 0.5:
+        if not self.value and self.redis is not None and now - self.checked >= 0.5:
             self.checked = now
-            with contextlib.suppress(redis.RedisError):
-                self.value = bool(self.client.exists(self.key))
+            with contextlib.suppress(RedisError):
+                self.value = bool(self.redis.exists(self.key))
         return self.value or self.lost.is_set()
 
 
@@ -59,7 +59,7 @@ class Heartbeat(threading.Thread):
         self,
         store: Store,
         slots: Slots | None,
-        client: redis.Redis | None,
+        redis: Redis | None,
         *,
         run_id: str,
         task_id: str,
@@ -69,7 +69,7 @@ class Heartbeat(threading.Thread):
         lost: threading.Event,
     ) -> None:
         super().__init__(name=f"heartbeat {run_id}/{task_id}", daemon=True)
-        self.store, self.slots, self.client = store, slots, client
+        self.store, self.slots, self.redis = store, slots, redis
         self.run_id, self.task_id, self.attempt, self.slot = run_id, task_id, attempt, slot
         self.lease, self.lost = lease, lost
         self.done = threading.Event()
@@ -79,7 +79,7 @@ class Heartbeat(threading.Thread):
         interval = self.lease / 3
         while not self.done.wait(interval):
             # Redis first: it is what keeps a takeover off while the store is unreachable.
-            hold(self.client, self.run_id, self.task_id, self.attempt, self.lease)
+            hold(self.redis, self.run_id, self.task_id, self.attempt, self.lease)
             if self._finishing:
                 continue  # the outcome's own write ends the store's lease: keep only Redis's
             try:
@@ -89,7 +89,7 @@ class Heartbeat(threading.Thread):
                 with self.store.begin(wait=0) as s:
                     until = utcnow() + timedelta(seconds=self.lease)
                     held = repo.renew_lease(s, self.run_id, self.task_id, self.attempt, until)
-            except (DatabaseUnavailableError, redis.RedisError) as e:
+            except (DatabaseUnavailableError, RedisError) as e:
                 log.warning("lease of %s/%s not renewed: %s", self.run_id, self.task_id, e)
                 interval = min(self.lease / 3, 1.0)  # renew soon after the store is back
                 continue

@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 
 import redis
 from celery import Task
+from redis import Redis, RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from taskexec.celery_app import CONTROL, app
@@ -202,10 +203,10 @@ def _record(store: Store, run_id: str, task_id: str | None, message: str) -> Non
         log.warning("webhook log line of run %s not stored: %s", run_id, e)
 
 
-def _sent(client: redis.Redis | None, key: str) -> bool:
+def _sent(redis: Redis | None, key: str) -> bool:
     # Without Redis, send: a receiver drops a duplicate by its delivery id.
-    with contextlib.suppress(redis.RedisError):
-        return bool(client is not None and client.exists(key))
+    with contextlib.suppress(RedisError):
+        return bool(redis is not None and redis.exists(key))
     return False
 
 

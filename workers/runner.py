@@ -67,6 +67,7 @@ def execute(rt: Runtime, run_id: str, task_id: str, *, detached: bool = False) -
             when the task ends, this step itself dispatches the next stage if it is due.
     """
     now = utcnow()
+    stopped: list[Change] | None = None  # the task of a stopped run, cancelled here
     with rt.store.begin() as s:
         cr = compiled_run(s, run_id)
         task = cr.tasks.get(task_id)
@@ -90,15 +91,19 @@ def execute(rt: Runtime, run_id: str, task_id: str, *, detached: bool = False) -
                 message=f"run stopped: {state.stop_reason}",
                 lease_until=None,
             )
-            events.publish(rt.redis, [change] if change else [])
-            return settled(rt, run_id, task, _T.CANCELLED, detached, changed=change is not None)
+            stopped = [change] if change else []
         # The usual case, a queued task with no limit to ask: claimed in this transaction.
         claimed: tuple[int | None, dict[str, Any]] | None = None
         due = state.status is _T.QUEUED or (
             state.status is _T.RETRYING and (state.not_before is None or state.not_before <= now)
         )
-        if due and task.rate_limit is None and not cr.manifest.concurrency:
+        if stopped is None and due and task.rate_limit is None and not cr.manifest.concurrency:
             claimed = _claim(rt, s, cr, run_id, task, takeover=None)
+    if stopped is not None:
+        # Committed: what settles the run (finalize, release) reads the cancel, on its own
+        # connection, and no lock of this transaction is held any more.
+        events.publish(rt.redis, stopped)
+        return settled(rt, run_id, task, _T.CANCELLED, detached, changed=bool(stopped))
     if claimed is not None:
         return _start(rt, run_id, task, state, claimed, None, detached)
     takeover: int | None = None

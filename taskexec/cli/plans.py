@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from taskexec.cli.common import manifests, user_errors
+from taskexec.models import MatrixInfo
 from taskexec.settings import Settings
 
 __all__ = ["compile_", "validate"]
@@ -39,10 +40,19 @@ def compile_(plan: str, as_json: bool, variant: str | None) -> None:
             shown = ", ".join(stage[:8]) + (f", … (+{len(stage) - 8})" if len(stage) > 8 else "")
             click.echo(f"  stage {k}: {shown}")
         for mx in m.matrices:
-            cut = ""
-            if mx.truncated and mx.strategy == "pairwise":
-                covered = f"{mx.pairs_covered}/{mx.pairs_total} pairs"
-                cut = f", kept {mx.cases} of the {mx.cases_needed} needed: {covered}"
-            elif mx.truncated:
-                cut = ", cut to max_cases"
-            click.echo(f"  matrix {mx.task}: {mx.strategy}, {mx.cases} of {mx.cartesian} combinations{cut}")
+            click.echo(f"  matrix {mx.task}: {_matrix_line(mx)}")
+
+
+def _matrix_line(mx: MatrixInfo) -> str:
+    """How a matrix expanded, e.g. ``pairwise (strength 3, effort fast), 36 of 72
+    combinations, lower bound 36``."""
+    if mx.strategy != "pairwise":
+        cut = ", cut to max_cases" if mx.truncated else ""
+        return f"{mx.strategy}, {mx.cases} of {mx.cartesian} combinations{cut}"
+    kind = "pairs" if mx.strength == 2 else f"{mx.strength}-tuples"
+    how = f"pairwise (strength {mx.strength}, effort {mx.effort})"
+    if mx.truncated:
+        covered = f"{mx.pairs_covered}/{mx.pairs_total} {kind}"
+        kept = f"kept {mx.cases} of the {mx.cases_needed} needed"
+        return f"{how}, {kept}: {covered}, lower bound {mx.lower_bound}"
+    return f"{how}, {mx.cases} of {mx.cartesian} combinations, lower bound {mx.lower_bound}"

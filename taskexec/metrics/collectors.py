@@ -8,9 +8,9 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-import redis
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from redis import Redis, RedisError
 
 __all__ = ["QueueBacklog", "WorkersOnline", "priority_lists"]
 
@@ -30,8 +30,8 @@ def priority_lists(queue: str, transport_options: Mapping[str, Any]) -> list[str
 class QueueBacklog(Collector):
     """``taskexec_queue_length``: LLEN of each queue's priority lists, summed, at scrape time."""
 
-    def __init__(self, client: redis.Redis, lists: Mapping[str, list[str]]) -> None:
-        self.client = client
+    def __init__(self, redis: Redis, lists: Mapping[str, list[str]]) -> None:
+        self.redis = redis
         self.lists = lists
 
     def describe(self) -> Iterable[Metric]:
@@ -42,12 +42,12 @@ class QueueBacklog(Collector):
         """One gauge sample per queue; none when Redis does not answer."""
         family = self._family()
         try:
-            pipe = self.client.pipeline(transaction=False)
+            pipe = self.redis.pipeline(transaction=False)
             for names in self.lists.values():
                 for name in names:
                     pipe.llen(name)
             sizes = iter(pipe.execute())
-        except redis.RedisError as e:
+        except RedisError as e:
             log.warning("queue lengths not read: %s", e)
             return [family]
         for queue, names in self.lists.items():

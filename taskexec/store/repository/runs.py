@@ -221,7 +221,8 @@ def set_broker_instance(session: Session, run_id: str, instance: str | None) -> 
 
 def start_retry(session: Session, run_id: str) -> None:
     """Clear a run's end (``taskexec retry``): no stop reason, statistics or error, a new epoch
-    (new message ids: what a cancel revoked stays revoked)."""
+    (new message ids: what a cancel revoked stays revoked), and a new start: the retry runs
+    its own ``stop.timeout`` from when it starts, not from the first try's start."""
     session.execute(
         update(RUNS)
         .where(RUNS.c.run_id == run_id)
@@ -230,6 +231,7 @@ def start_retry(session: Session, run_id: str) -> None:
             statistics=None,
             error_message=None,
             finished_at=None,
+            started_at=None,
             epoch=RUNS.c.epoch + 1,
             updated_at=utcnow(),
         )
