@@ -11,6 +11,7 @@
     ├── CriteriaError              E007  an output criterion could not be evaluated
     ├── IllegalTransitionError     E003  a status change the state machine forbids
     ├── RunNotFoundError           E001  no run with that id in the store
+    ├── WaitTimeoutError           E002  a wait for a run timed out before the run ended
     ├── ServiceUnavailableError          a service cannot be reached (CLI exit 3)
     │   ├── DatabaseUnavailableError E006
     │   ├── BrokerUnavailableError   E013
@@ -53,6 +54,7 @@ __all__ = [
     "TaskFailed",
     "TaskexecError",
     "Throttled",
+    "WaitTimeoutError",
     "WorkerLostError",
 ]
 
@@ -195,3 +197,17 @@ class Throttled(ControlSignal):
 
     def __init__(self, message: str) -> None:
         super().__init__(message or "waiting")
+
+
+class WaitTimeoutError(TaskexecError, TimeoutError):
+    """A run had not ended when a wait for it timed out (``RunHandle.wait(timeout=...)``).
+
+    Also a :class:`TimeoutError`, as Celery's ``AsyncResult.get(timeout=...)`` raises.
+    ``result`` is the run as it stood then; the run goes on.
+    """
+
+    code = ErrorCode.TIMEOUT
+
+    def __init__(self, message: str, *, result: object = None) -> None:
+        super().__init__(message, path="timeout")
+        self.result = result
