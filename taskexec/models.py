@@ -200,6 +200,16 @@ class TaskResult(_Frozen):
     worker: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    execution_seconds: float | None = Field(
+        None,
+        description="time the handler ran, summed over the attempts (pauses between them left out); "
+        "for a running task, its current attempt so far",
+    )
+    wall_seconds: float | None = Field(
+        None,
+        description="first start to end, retries and their pauses included; for a task not yet "
+        "ended (running, waiting), the time elapsed since it started",
+    )
 
 
 class RunStatistics(_Frozen):

@@ -4,7 +4,11 @@ JUnit follows the schema CI systems read (Jenkins xunit's ``junit-10.xsd``, whic
 and the GitHub test reporters also accept): one ``<testsuite>`` per run (a variant), one
 ``<testcase>`` per task, ``<failure>`` for a task that ended failed / validation_failed /
 timed_out, ``<error>`` for ``error``, ``<skipped>`` for skipped and cancelled tasks, and
-the time each task took. The HTML timeline is one self-contained page.
+each task's execution time (its attempts' handler time, the pauses between them left out).
+The HTML timeline is one self-contained page.
+
+Times: a task's *execution* time sums its attempts; its *wall* time runs from its first
+start to its end (retries and their backoff included), or to now while it runs or waits.
 
 Example:
     >>> print(summary_line(result))  # doctest: +SKIP
@@ -17,7 +21,7 @@ import json
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from datetime import UTC
+from datetime import UTC, timedelta
 
 from rich.console import Console
 from rich.table import Table
@@ -61,6 +65,23 @@ def _seconds(task: TaskResult) -> float:
     return 0.0
 
 
+def _wall(task: TaskResult) -> float:
+    """First start to end (or to now, as the store read it, while the task has not ended)."""
+    return task.wall_seconds if task.wall_seconds is not None else _seconds(task)
+
+
+def _execution(task: TaskResult) -> float:
+    """The attempts' handler time; the wall time for results that do not carry it."""
+    return task.execution_seconds if task.execution_seconds is not None else _wall(task)
+
+
+def _time_cells(task: TaskResult) -> tuple[str, str]:
+    """``(execution, wall)`` as a table shows them: blank before the task started."""
+    if not task.started_at:
+        return "", ""
+    return f"{_execution(task):.2f} s", f"{_wall(task):.2f} s"
+
+
 def _xml_text(text: str) -> str:
     return _NOT_XML.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
@@ -78,8 +99,8 @@ def _problem(t: TaskResult) -> tuple[str, str]:
 def to_junit(results: Sequence[RunResult]) -> str:
     """JUnit XML as CI systems read it (the Jenkins xunit ``junit-10.xsd`` schema).
 
-    A ``<testsuite>`` per run (so one per variant), a ``<testcase>`` per task with the time
-    it took (first attempt's start to its end, retries included); ``<failure>`` for
+    A ``<testsuite>`` per run (so one per variant), a ``<testcase>`` per task with its
+    execution time (its attempts' handler time, the pauses between them left out); ``<failure>`` for
     failed, validation_failed and timed_out, ``<error>`` for error, with the error code as
     ``type`` and ``code: message`` as ``message``; ``<skipped>`` for skipped, cancelled and
     not yet finished tasks; the task's output as ``<system-out>``.
@@ -102,7 +123,7 @@ def to_junit(results: Sequence[RunResult]) -> str:
         counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
         for t in r.tasks:
             case = ET.SubElement(
-                suite, "testcase", name=t.id, classname=f"{r.plan_id}.{r.variant}", time=f"{_seconds(t):.3f}"
+                suite, "testcase", name=t.id, classname=f"{r.plan_id}.{r.variant}", time=f"{_execution(t):.3f}"
             )
             counts["tests"] += 1
             message, details = _problem(t)
@@ -148,10 +169,18 @@ _HTML_STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
 h2{font-size:1.1em;margin:1.5em 0 .3em}
 table{border-collapse:collapse;width:100%}
-td,th{padding:2px 6px;border-bottom:1px solid #eee;text-align:left;white-space:nowrap;font-size:13px}
-td.bar{width:60%;position:relative;padding:0}
-td.bar div{position:absolute;top:3px;bottom:3px;min-width:2px;border-radius:2px}
-td.msg{white-space:normal;color:#666;max-width:30em}
+td,th{padding:2px 6px;border-bottom:1px solid #eee;text-align:left;white-space:nowrap;font-size:13px;
+  line-height:18px;vertical-align:top}
+tr.task{height:23px}
+td.bar{width:55%;min-width:12em;position:relative;padding:0}
+td.bar div{position:absolute;top:4px;height:15px;min-width:2px;border-radius:2px}
+td.msg{color:#666;max-width:32em;overflow:hidden}
+td.msg details{max-width:32em}
+td.msg summary{display:block;overflow:hidden;text-overflow:ellipsis;white-space:nowrap;cursor:pointer;
+  list-style:none}
+td.msg summary::-webkit-details-marker{display:none}
+td.msg details[open] summary{color:#222}
+td.msg details div{white-space:pre-wrap;word-break:break-word;padding:2px 0 4px;max-width:32em}
 .legend span{display:inline-block;margin-right:1em}
 .legend i{display:inline-block;width:.9em;height:.9em;margin-right:.3em;vertical-align:-1px}
 """
@@ -171,33 +200,51 @@ def to_html(results: Sequence[RunResult]) -> str:
     for r in results:
         started = [t for t in r.tasks if t.started_at]
         t0 = min((t.started_at for t in started if t.started_at), default=r.submitted_at)
-        end = max((t.finished_at or t.started_at or t0 for t in started), default=t0)
+        end = max(
+            (t.started_at + timedelta(seconds=_wall(t)) for t in started if t.started_at), default=t0
+        )
         span = max(1e-3, (end - t0).total_seconds())
         parts.append(f"<h2>{escape(summary_line(r))}</h2>")
         parts.append(
-            f"<table><tr><th>task</th><th>stage</th><th>status</th><th>attempts</th><th>time</th>"
+            "<table><tr><th>task</th><th>stage</th><th>status</th><th>attempts</th>"
+            "<th title='execution time: the attempts, pauses between them left out'>time</th>"
+            "<th title='wall time: first start to end, retries included'>wall</th>"
             f"<th>0 s … {span:.2f} s</th><th>message</th></tr>"
         )
         for t in r.tasks:
             bar = ""
             if t.started_at:
                 left = (t.started_at - t0).total_seconds() / span * 100
-                width = _seconds(t) / span * 100
+                width = _wall(t) / span * 100
                 colour = _HTML_COLOUR.get(t.status.value, "#e0b03a")
-                tip = f"{t.id}: {t.status.value}, {_seconds(t):.3f} s, attempt {t.attempts}"
+                tip = (
+                    f"{t.id}: {t.status.value}, {_execution(t):.3f} s executing, "
+                    f"{_wall(t):.3f} s wall, attempt {t.attempts}"
+                )
                 bar = (
                     f"<div style='left:{left:.2f}%;width:{width:.2f}%;background:{colour}' "
                     f"title='{escape(tip, quote=True)}'></div>"
                 )
-            message = ": ".join(x for x in (t.error_code, t.error_message) if x)
+            execution, wall = _time_cells(t)
             parts.append(
-                f"<tr><td>{escape(t.id)}</td><td>{t.stage}</td><td>{escape(t.status.value)}</td>"
-                f"<td>{t.attempts}</td><td>{_seconds(t):.2f} s</td><td class='bar'>{bar}</td>"
-                f"<td class='msg'>{escape(message[:300])}</td></tr>"
+                f"<tr class='task'><td>{escape(t.id)}</td><td>{t.stage}</td><td>{escape(t.status.value)}</td>"
+                f"<td>{t.attempts}</td><td>{execution}</td><td>{wall}</td><td class='bar'>{bar}</td>"
+                f"<td class='msg'>{_html_message(t)}</td></tr>"
             )
         parts.append("</table>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _html_message(t: TaskResult) -> str:
+    """A task's message on one line (cut with an ellipsis); the full text on hover and on a click."""
+    from html import escape
+
+    message = ": ".join(x for x in (t.error_code, t.error_message) if x)
+    if not message:
+        return ""
+    full = escape(message[:20_000], quote=True)
+    return f"<details><summary title='{full}'>{escape(message[:300])}</summary><div>{full}</div></details>"
 
 
 def summary_line(result: RunResult) -> str:
@@ -218,9 +265,11 @@ def summary_line(result: RunResult) -> str:
 def render_table(result: RunResult, console: Console, *, limit: int = 200) -> None:
     """A table of a run's tasks (failures first when there are more than ``limit``)."""
     table = Table(expand=False)
-    for col in ("task", "stage", "status", "attempts", "code", "time", "message"):
+    # time: execution time (the attempts, pauses between them left out); wall: first start
+    # to end, retries included, or to now while the task runs or waits.
+    for col in ("task", "stage", "status", "attempts", "code", "time", "wall", "message"):
         table.add_column(
-            col, overflow="fold", justify="right" if col in ("stage", "attempts", "time") else "left"
+            col, overflow="fold", justify="right" if col in ("stage", "attempts", "time", "wall") else "left"
         )
     tasks = result.tasks
     if len(tasks) > limit:
@@ -233,7 +282,7 @@ def render_table(result: RunResult, console: Console, *, limit: int = 200) -> No
             f"[{style}]{t.status.value}[/]" if style else t.status.value,
             str(t.attempts),
             t.error_code or "",
-            f"{_seconds(t):.2f} s" if t.started_at else "",
+            *_time_cells(t),
             (t.error_message or "")[:200],
         )
     if result.status is RunStatus.SUCCEEDED:

@@ -6,13 +6,16 @@ What clients, reports and notifications read; the writes are in
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from datetime import datetime
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from taskexec.errors import RunNotFoundError
 from taskexec.models import ErrorCode, RunResult, RunStatistics, RunStatus, RunSummary, TaskResult, TaskStatus
 from taskexec.store.repository import get_run
-from taskexec.store.tables import Execution, Run, utcnow
+from taskexec.store.tables import Execution, ExecutionLog, ExecutionMetric, Run, utcnow
 
 __all__ = ["list_runs", "run_result", "task_result"]
 
@@ -23,7 +26,76 @@ def _statistics(run: Run, tasks: list[TaskResult]) -> RunStatistics:
     return RunStatistics.of(tasks, round(duration, 3) if duration is not None else None)
 
 
-def _task_result(row: Execution) -> TaskResult:
+#: The metric each attempt records: the handler's own time (``workers/attempt.py``).
+_HANDLER_TIME = "duration_seconds"
+
+
+@dataclass(slots=True)
+class _Attempts:
+    """What the store holds of a task's attempts: handler time, start and end of each."""
+
+    handler: dict[int, float] = field(default_factory=dict)
+    started: dict[int, datetime] = field(default_factory=dict)
+    ended: dict[int, datetime] = field(default_factory=dict)
+
+
+def _attempts(session: Session, run_id: str, task_id: str | None = None) -> dict[str, _Attempts]:
+    """Per task: each attempt's handler time (its metric) and, from the transition log, when
+    it started (``running``) and when it left ``running``."""
+    out: dict[str, _Attempts] = {}
+    metrics = select(ExecutionMetric.task_id, ExecutionMetric.attempt, ExecutionMetric.value).where(
+        ExecutionMetric.run_id == run_id, ExecutionMetric.name == _HANDLER_TIME
+    )
+    logs = (
+        select(ExecutionLog.task_id, ExecutionLog.attempt, ExecutionLog.to_status, ExecutionLog.at)
+        .where(
+            ExecutionLog.run_id == run_id,
+            ExecutionLog.task_id.is_not(None),
+            ExecutionLog.event == "transition",
+        )
+        .order_by(ExecutionLog.id)
+    )
+    if task_id is not None:
+        metrics = metrics.where(ExecutionMetric.task_id == task_id)
+        logs = logs.where(ExecutionLog.task_id == task_id)
+    for tid, attempt, value in session.execute(metrics):
+        out.setdefault(tid, _Attempts()).handler[attempt] = value
+    for tid, attempt, to, at in session.execute(logs):
+        if tid is None:
+            continue
+        a = out.setdefault(tid, _Attempts())
+        if to == TaskStatus.RUNNING.value:
+            a.started[attempt] = at
+        elif attempt in a.started and attempt not in a.ended:
+            a.ended[attempt] = at
+    return out
+
+
+def _times(row: Execution, attempts: _Attempts | None, now: datetime) -> tuple[float | None, float | None]:
+    """``(execution_seconds, wall_seconds)`` of a task; ``(None, None)`` before it started."""
+    if row.started_at is None:
+        return None, None
+    status = TaskStatus(row.status)
+    end = row.finished_at or (row.updated_at if status.terminal else now)
+    wall = max(0.0, (end - row.started_at).total_seconds())
+    a = attempts or _Attempts()
+    execution = 0.0
+    for n in range(1, row.attempts + 1):
+        if n in a.handler:
+            execution += a.handler[n]
+        elif n in a.started:
+            stop = a.ended.get(n)
+            if stop is None:  # the attempt under way (or one whose end was not logged)
+                stop = now if n == row.attempts and status is TaskStatus.RUNNING else None
+            if stop is not None:
+                execution += max(0.0, (stop - a.started[n]).total_seconds())
+    if not a.handler and not a.started:  # nothing recorded per attempt: the wall time is all we know
+        execution = wall
+    return round(execution, 6), round(wall, 6)
+
+
+def _task_result(row: Execution, attempts: _Attempts | None = None, now: datetime | None = None) -> TaskResult:
+    execution, wall = _times(row, attempts, now or utcnow())
     return TaskResult(
         id=row.task_id,
         stage=row.stage,
@@ -36,6 +108,8 @@ def _task_result(row: Execution) -> TaskResult:
         worker=row.worker,
         started_at=row.started_at,
         finished_at=row.finished_at,
+        execution_seconds=execution,
+        wall_seconds=wall,
     )
 
 
@@ -44,7 +118,7 @@ def task_result(session: Session, run_id: str, task_id: str) -> TaskResult:
     row = session.get(Execution, (run_id, task_id))
     if row is None:
         raise RunNotFoundError(f"no task {task_id!r} in run {run_id!r}", path="TASK")
-    return _task_result(row)
+    return _task_result(row, _attempts(session, run_id, task_id).get(task_id))
 
 
 def run_result(session: Session, run_id: str) -> RunResult:
@@ -52,7 +126,11 @@ def run_result(session: Session, run_id: str) -> RunResult:
     run = get_run(session, run_id)
     order = {t["id"]: i for i, t in enumerate(run.manifest["tasks"])}
     rows = session.scalars(select(Execution).where(Execution.run_id == run_id)).all()
-    tasks = sorted((_task_result(r) for r in rows), key=lambda t: order.get(t.id, len(order)))
+    attempts = _attempts(session, run_id)
+    now = utcnow()
+    tasks = sorted(
+        (_task_result(r, attempts.get(r.task_id), now) for r in rows), key=lambda t: order.get(t.id, len(order))
+    )
     return RunResult(
         run_id=run.run_id,
         plan_id=run.plan_id,
