@@ -21,13 +21,14 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from taskexec.errors import ParamsError, RetryableError, TaskFailed
 from taskexec.settings import Settings
@@ -39,7 +40,14 @@ __all__ = [
     "RetryableError",
     "TaskFailed",
     "Validator",
+    "ApprovalParams",
+    "HttpParams",
+    "ShellParams",
+    "StubParams",
+    "BUILTIN_PARAMS",
     "check_output",
+    "params_errors",
+    "params_model",
     "handler",
     "parse_params",
     "registered",
@@ -122,15 +130,22 @@ Validator = Callable[[Any, dict[str, Any]], "bool | tuple[bool, str]"]
 
 _handlers: dict[str, Handler] = {}
 _validators: dict[str, Validator] = {}
+_params: dict[str, type[BaseModel]] = {}
 
 
-def handler(name: str) -> Callable[[Handler], Handler]:
-    """Register a function as the handler ``name`` (the operator must still allow it)."""
+def handler(name: str, *, params: type[BaseModel] | None = None) -> Callable[[Handler], Handler]:
+    """Register a function as the handler ``name`` (the operator must still allow it).
+
+    ``params``: the pydantic model of its params; ``validate``/``compile`` in a process that
+    registered it check plans against it (the built-ins' are :data:`BUILTIN_PARAMS`).
+    """
     if not name or name.startswith("python:"):
         raise ValueError(f"a handler name is a plain word, not {name!r}")
 
     def register(fn: Handler) -> Handler:
         _handlers[name] = fn
+        if params is not None:
+            _params[name] = params
         return fn
 
     return register
@@ -175,8 +190,104 @@ def parse_params(model: type[_P], params: dict[str, Any], handler_name: str) -> 
         return model.model_validate(params)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(map(str, err["loc"]))
+        where = _where(err["loc"]).lstrip(".")
         raise ParamsError(f"{handler_name} param {where}: {err['msg']}") from None
+
+
+# The params of the built-in handlers: the handlers parse them at run time, and
+# ``validate``/``compile`` check every task's params against them (after matrix and variant
+# merges). They live here, in the contract, because the plan compiler never imports the
+# worker side. Other params (a matrix case's values, a variant's) may sit beside them and
+# are ignored: ``extra="ignore"``.
+
+
+class ShellParams(BaseModel):
+    """The params of ``shell``; matrix params may sit beside them and are ignored."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    argv: list[str] = Field(min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    timeout: float | None = Field(None, gt=0)
+    parse_json: bool = False
+
+
+class HttpParams(BaseModel):
+    """The params of ``http``; matrix params may sit beside them and are ignored."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    url: str = Field(pattern=r"^https?://")
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    json_body: Any = Field(None, alias="json")
+    timeout: float | None = Field(None, gt=0)
+
+
+class StubParams(BaseModel):
+    """The params the stub understands."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    delay: float = Field(0.0, ge=0, le=86_400)
+    output: dict[str, Any] | None = None
+    behavior: Literal["success", "failure", "timeout", "error"] = "success"
+    fail_attempts: int = Field(0, ge=0)
+    failure_rate: float = Field(0.0, ge=0, le=1)
+    seed: int | str | None = None
+
+
+class ApprovalParams(BaseModel):
+    """The params of ``approval``."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    message: str = Field("approve to continue", max_length=2000)
+    timeout: float | None = Field(None, gt=0)
+
+
+#: Built-in handler name -> the model its params are checked against.
+BUILTIN_PARAMS: dict[str, type[BaseModel]] = {
+    "shell": ShellParams,
+    "http": HttpParams,
+    "stub": StubParams,
+    "approval": ApprovalParams,
+}
+
+
+def params_model(name: str) -> type[BaseModel] | None:
+    """The params model of the handler ``name``: a built-in's, or one registered with it;
+    ``None`` (not checked) for ``python:`` handlers and handlers without one."""
+    return BUILTIN_PARAMS.get(name) or _params.get(name)
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as a path suffix: ``('argv', 1)`` -> ``.argv[1]``."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
+
+
+def params_errors(model: type[BaseModel], params: dict[str, Any]) -> list[tuple[str, str]]:
+    """What is wrong with ``params`` for ``model``: ``(path suffix, message)`` pairs, none if valid.
+
+    >>> params_errors(ShellParams, {"argv": ["sleep", 10]})
+    [('.argv[1]', 'Input should be a valid string')]
+    >>> params_errors(ShellParams, {"args": ["echo", "hi"]})
+    [('.argv', "Field required (did you mean 'argv' for 'args'?)")]
+    """
+    try:
+        model.model_validate(params)
+    except ValidationError as e:
+        out = []
+        for err in e.errors():
+            message = err["msg"]
+            if err["type"] == "missing" and len(err["loc"]) == 1:
+                near = difflib.get_close_matches(str(err["loc"][0]), [str(k) for k in params], 1, 0.6)
+                if near:
+                    message += f" (did you mean {err['loc'][0]!r} for {near[0]!r}?)"
+            out.append((_where(err["loc"]), message))
+        return out
+    return []
 
 
 def check_output(value: Any, max_bytes: int = MAX_OUTPUT_BYTES) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus
 
+import httpx
 import pytest
 
 from taskexec.errors import (
@@ -742,3 +743,110 @@ def test_redacting_a_mebibyte_with_three_secrets_is_fast() -> None:
     assert out["stdout"].endswith(" ***")
     print(f"redacting 1 MiB with 3 secrets: {spent * 1000:.1f} ms")
     assert spent < 0.5
+
+
+# ---------------------------------------------------------------- http: header names, httpx
+
+
+class _LowerCaseType(BaseHTTPRequestHandler):
+    """Answers JSON as Python's http.server code often does: ``Content-type`` (lower-case t)."""
+
+    def do_GET(self) -> None:
+        payload = json.dumps({"ok": True}).encode()
+        self.send_response(200)
+        self.send_header("Content-type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_http_reads_json_whatever_the_case_of_the_header_name() -> None:
+    """Issue 15, defect 4: ``Content-type: application/json`` is JSON (header names are case-insensitive)."""
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _LowerCaseType)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/"
+        out = resolve("http", SETTINGS)({"url": url}, {}, ctx(settings=LOOPBACK))
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join()
+    assert out["status_code"] == 200 and out["json"] == {"ok": True} and "text" not in out
+
+
+@pytest.fixture
+def mock_http(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[httpx.Request]]:
+    """The http handler's client replaced by one on ``httpx.MockTransport``: the requests it got.
+
+    Each request's answer is the one its path names: ``/json`` (``content-type`` in lower
+    case, ``+json``), ``/text``, ``/timeout`` (a read timeout), ``/NNN`` (that status).
+    """
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        path = request.url.path
+        if path == "/json":
+            return httpx.Response(
+                200,
+                headers=[("content-type", "application/problem+json"), ("X-Trace", "a"), ("x-trace", "b")],
+                content=b'{"title": "fine"}',
+            )
+        if path == "/timeout":
+            raise httpx.ReadTimeout("timed out", request=request)
+        if path == "/text":
+            return httpx.Response(200, headers={"Content-Type": "text/plain"}, content=b"hello")
+        return httpx.Response(int(path.strip("/")), content=b"why")
+
+    mock = httpx.Client(transport=httpx.MockTransport(answer))
+    monkeypatch.setattr(netguard, "client", lambda allowance, redirects=True: mock)
+    try:
+        yield seen
+    finally:
+        mock.close()
+
+
+def test_http_over_a_mock_transport_headers_json_and_timeouts(mock_http: list[httpx.Request]) -> None:
+    http = resolve("http", SETTINGS)
+    out = http(
+        {"url": "http://api.example/json", "headers": {"idempotency-key": "mine"}, "timeout": 7},
+        {},
+        ctx(attempt=2, timeout=30),
+    )
+    assert out["json"] == {"title": "fine"} and "text" not in out
+    assert out["headers"]["content-type"] == "application/problem+json"
+    assert out["headers"]["X-Trace"] == "a, b", "a repeated header keeps the server's first name"
+    [req] = mock_http
+    # The plan's header replaces the default whatever the case of its name: one key, not two.
+    assert req.headers.get_list("Idempotency-Key") == ["mine"] and req.headers["user-agent"] == "taskexec"
+    assert req.extensions["timeout"] == {"connect": 7.0, "read": 7.0, "write": 7.0, "pool": 7.0}
+    http({"url": "http://api.example/text", "timeout": 90}, {}, ctx(timeout=30))
+    assert mock_http[-1].extensions["timeout"]["read"] == 30.0, "at most the task's timeout"
+    assert mock_http[-1].headers["Idempotency-Key"] == "r/t/1"
+    assert http({"url": "http://api.example/text"}, {}, ctx()) == {
+        "status_code": 200,
+        "headers": {"Content-Type": "text/plain", "Content-Length": "5"},
+        "text": "hello",
+    }
+    with pytest.raises(RetryableError, match="ReadTimeout"):
+        http({"url": "http://api.example/timeout"}, {}, ctx())
+    with pytest.raises(RetryableError, match="HTTP 502 why"):
+        http({"url": "http://api.example/502"}, {}, ctx())
+    with pytest.raises(TaskFailed, match="HTTP 403 why"):
+        http({"url": "http://api.example/403"}, {}, ctx())
+
+
+def test_http_uses_one_pooled_client_per_process_and_allowance() -> None:
+    allowance = netguard.Allowance.parse(["127.0.0.1"])
+    first = netguard.client(allowance)
+    try:
+        assert netguard.client(netguard.Allowance.parse(["127.0.0.1"])) is first
+        assert netguard.client(allowance, redirects=False) is not first
+        assert first.trust_env is False, "no proxies from the environment: they would bypass the guard"
+    finally:
+        netguard.close_clients()
+    assert first.is_closed

@@ -20,23 +20,31 @@ public address to the check and ``127.0.0.1`` to the connection (DNS rebinding),
 would not see where a redirect leads; here every redirect is a new connection, checked
 the same way. Proxies from the environment are not used: through a proxy, the worker
 would check the proxy's address, not the destination's.
+
+Requests go through httpx (:func:`client`: one pooled client per worker process and
+allowance), whose connections are opened by :class:`GuardedBackend`, an httpcore network
+backend that resolves and checks the host, then connects to a checked address. A kept-alive
+connection is reused only for its own origin (scheme, host, port), so it was checked when
+it was opened.
 """
 
 from __future__ import annotations
 
-import functools
-import http.client
 import ipaddress
+import os
 import socket
 import ssl
-import urllib.request
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import httpcore
+import httpx
+
 from taskexec.errors import DestinationNotAllowedError
 
-__all__ = ["Allowance", "connect", "opener", "refusal"]
+__all__ = ["Allowance", "GuardedBackend", "client", "close_clients", "connect", "permitted", "refusal"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -123,6 +131,40 @@ class Allowance:
         return refusal(ip) is None
 
 
+def _refused(host: str, refused: list[str]) -> DestinationNotAllowedError:
+    literal = refused[0].startswith(host + ",")
+    return DestinationNotAllowedError(
+        f"refused to connect to {'' if literal else host + ' at '}{refused[0]}: "
+        "not allowed on this worker (the operator allows destinations in TASKEXEC_HTTP_ALLOW)"
+    )
+
+
+def permitted(host: str, port: int, allowance: Allowance) -> list[tuple[int, Any]]:
+    """The addresses of ``host`` a connection may use, as ``(family, sockaddr)``, in resolver order.
+
+    ``host`` is resolved once here: the caller connects to these socket addresses, never to
+    the name again (a second resolution could answer another address: DNS rebinding).
+
+    Raises:
+        DestinationNotAllowedError: Every address of ``host`` is refused.
+        OSError: ``host`` does not resolve.
+    """
+    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    refused: list[str] = []
+    found: list[tuple[int, Any]] = []
+    for family, _, _, _, sockaddr in infos:
+        ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+        if allowance.allows(host, ip):
+            found.append((family, sockaddr))
+        else:
+            refused.append(f"{ip}, {refusal(ip)}")
+    if found:
+        return found
+    if not refused:
+        raise OSError(f"{host} has no address")
+    raise _refused(host, refused)
+
+
 def connect(
     host: str,
     port: int,
@@ -139,17 +181,11 @@ def connect(
         DestinationNotAllowedError: Every address of ``host`` is refused (nothing is sent).
         OSError: Resolution or every permitted connection failed.
     """
-    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-    refused: list[str] = []
     error: OSError | None = None
-    for family, kind, proto, _, sockaddr in infos:
-        ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
-        if not allowance.allows(host, ip):
-            refused.append(f"{ip}, {refusal(ip)}")
-            continue
-        sock = socket.socket(family, kind, proto)
+    for family, sockaddr in permitted(host, port, allowance):
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            if isinstance(timeout, int | float):  # not urllib's "no timeout given" sentinel
+            if timeout is not None:
                 sock.settimeout(timeout)
             if source_address is not None:
                 sock.bind(source_address)
@@ -158,83 +194,101 @@ def connect(
             sock.close()
             error = e
             continue
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
-    if error is not None:
-        raise error
-    if not refused:
-        raise OSError(f"{host} has no address")
-    literal = refused[0].startswith(host + ",")
-    raise DestinationNotAllowedError(
-        f"refused to connect to {'' if literal else host + ' at '}{refused[0]}: "
-        "not allowed on this worker (the operator allows destinations in TASKEXEC_HTTP_ALLOW)"
-    )
+    assert error is not None  # permitted() returns at least one address
+    raise error
 
 
-class _Guarded:
-    """Mixed into http.client's connections: their one socket comes from :func:`connect`."""
+class GuardedBackend(httpcore.SyncBackend):
+    """httpcore's network backend whose TCP connections go through :func:`connect`.
 
-    allowance = Allowance()
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # http.client opens its socket through this attribute (HTTPS then wraps it in TLS
-        # for self.host): replacing it keeps the rest of the connection logic as is.
-        self._create_connection = self._guarded
-
-    def _guarded(
-        self, address: tuple[str, int], timeout: float | None = None, source_address: Any = None
-    ) -> socket.socket:
-        host, port = address
-        return connect(host, port, self.allowance, timeout, source_address)
-
-
-class _HTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, connection: type[http.client.HTTPConnection]) -> None:
-        super().__init__()
-        self._connection = connection
-
-    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(self._connection, req)
-
-
-class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, connection: type[http.client.HTTPSConnection]) -> None:
-        super().__init__()
-        self._connection = connection
-        self._tls = ssl.create_default_context()  # verifies the certificate against the hostname
-
-    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(self._connection, req, context=self._tls)
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-@functools.lru_cache(maxsize=16)
-def opener(allowance: Allowance, *, redirects: bool = True) -> urllib.request.OpenerDirector:
-    """A urllib opener for http and https only, each connection checked against ``allowance``.
-
-    No proxy, file, ftp or data handler: a redirect can only lead to another checked
-    HTTP connection. ``redirects=False``: a 3xx is returned as an ``HTTPError``.
+    httpcore then wraps the socket in TLS for the URL's host (``server_hostname``), so the
+    certificate is still verified against the name, not the address.
     """
 
-    class Connection(_Guarded, http.client.HTTPConnection):
-        pass
+    def __init__(self, allowance: Allowance) -> None:
+        self.allowance = allowance
 
-    class SecureConnection(_Guarded, http.client.HTTPSConnection):
-        pass
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        try:
+            addresses = permitted(host, port, self.allowance)
+        except OSError as e:  # DNS: a connection error, retried as one
+            raise httpcore.ConnectError(f"{host}: {e}") from e
+        error: Exception | None = None
+        for _, sockaddr in addresses:
+            # A literal address (scope included): the base backend connects to it as is.
+            try:
+                return super().connect_tcp(str(sockaddr[0]), port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as e:
+                error = e
+        assert error is not None
+        raise error
 
-    Connection.allowance = SecureConnection.allowance = allowance
-    director = urllib.request.OpenerDirector()
-    for h in (
-        _HTTPHandler(Connection),
-        _HTTPSHandler(SecureConnection),
-        urllib.request.UnknownHandler(),  # any other scheme: URLError("unknown url type")
-        urllib.request.HTTPDefaultErrorHandler(),
-        urllib.request.HTTPErrorProcessor(),
-        urllib.request.HTTPRedirectHandler() if redirects else _NoRedirect(),
-    ):
-        director.add_handler(h)
-    return director
+    def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore.NetworkStream:  # pragma: no cover
+        raise httpcore.UnsupportedProtocol("no unix sockets from a plan")
+
+
+class GuardedTransport(httpx.HTTPTransport):
+    """httpx's transport, its connection pool opening connections with :class:`GuardedBackend`."""
+
+    def __init__(self, allowance: Allowance, limits: httpx.Limits) -> None:
+        # A context of our own, verifying against the system's CAs (``SSL_CERT_FILE`` too):
+        # what the worker's other TLS clients trust.
+        tls = ssl.create_default_context()
+        super().__init__(verify=tls, trust_env=False, limits=limits)
+        # httpx does not take a network backend yet (encode/httpx#3180): the pool it built
+        # is replaced by the same one with ours.
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=tls,
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=GuardedBackend(allowance),
+        )
+
+
+#: Pooled clients of this process, by (pid, allowance, redirects). A forked child (a pool
+#: process) never uses its parent's: their sockets would be shared.
+_clients: dict[tuple[int, Allowance, bool], httpx.Client] = {}
+_lock = threading.Lock()
+#: Clients kept at most (a worker has one allowance; tests make many).
+MAX_CLIENTS = 8
+
+
+def client(allowance: Allowance, *, redirects: bool = True) -> httpx.Client:
+    """This process's pooled httpx client for ``allowance``: http and https only, no
+    proxies from the environment, every connection checked against ``allowance``.
+
+    ``redirects``: follow them (at most 10, each to a checked connection); else a 3xx is
+    returned as the response. Timeouts are given per request.
+    """
+    key = (os.getpid(), allowance, redirects)
+    with _lock:
+        found = _clients.get(key)
+        if found is None:
+            mine = [k for k in _clients if k[0] == key[0]]
+            if len(mine) >= MAX_CLIENTS:
+                _clients.pop(mine[0]).close()
+            found = _clients[key] = httpx.Client(
+                transport=GuardedTransport(allowance, httpx.Limits(max_connections=20, keepalive_expiry=30)),
+                follow_redirects=redirects,
+                max_redirects=10,
+                trust_env=False,
+            )
+        return found
+
+
+def close_clients() -> None:
+    """Close this process's pooled clients (tests, a worker's shutdown)."""
+    with _lock:
+        pid = os.getpid()
+        for key in [k for k in _clients if k[0] == pid]:
+            _clients.pop(key).close()

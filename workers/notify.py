@@ -33,13 +33,12 @@ import json
 import logging
 import random
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+import httpx
 import redis
 from celery import Task
 from redis import Redis, RedisError
@@ -56,7 +55,8 @@ from taskexec.models import Notify
 from taskexec.store import Store, results
 from taskexec.store import repository as repo
 from taskexec.store.tables import utcnow
-from workers.netguard import Allowance, opener
+from workers import netguard
+from workers.netguard import Allowance
 from workers.tasks import runtime
 
 __all__ = ["Attempt", "build_notices", "backoff", "notify", "post", "sign", "webhook"]
@@ -157,23 +157,23 @@ def post(
     """POST ``body`` to ``url`` once and judge the outcome.
 
     ``allowance``: the destinations the operator allows beyond public addresses
-    (``TASKEXEC_HTTP_ALLOW``); default none.
+    (``TASKEXEC_HTTP_ALLOW``); default none. The POST goes through this worker process's
+    pooled httpx client (:func:`workers.netguard.client`); ``timeout`` bounds the connect
+    and each read and write.
     """
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    # No redirects: urllib would follow a 301/302 of a POST as a GET without the body; a
-    # webhook that moved is misconfigured, and its receiver should say so with the status.
-    director = opener(allowance or Allowance(), redirects=False)
+    # No redirects: a 301/302 of a POST is followed as a GET without the body; a webhook
+    # that moved is misconfigured, and its receiver should say so with the status.
+    session = netguard.client(allowance or Allowance(), redirects=False)
     try:
-        with director.open(request, timeout=timeout) as response:
-            code = int(response.status)
+        response = session.post(url, content=body, headers=headers, timeout=timeout)
+        response.close()
+        code = response.status_code
     except DestinationNotAllowedError as e:
         return Attempt("give_up", e.message)
-    except urllib.error.HTTPError as e:
-        code = int(e.code)
-        e.close()
-    except (urllib.error.URLError, OSError) as e:  # refused, DNS, timeout, reset
-        reason = getattr(e, "reason", e)
-        return Attempt("retry", f"{type(e).__name__}: {reason}")
+    except (httpx.UnsupportedProtocol, httpx.InvalidURL) as e:
+        return Attempt("give_up", f"{type(e).__name__}: {e}")
+    except httpx.TransportError as e:  # refused, DNS, TLS, timeout, reset
+        return Attempt("retry", f"{type(e).__name__}: {e}")
     if 200 <= code < 300:
         return Attempt("delivered", f"HTTP {code}", code)
     if code >= 500 or code == 429:

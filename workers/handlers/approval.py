@@ -20,24 +20,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from taskexec.errors import AwaitApproval
-from taskexec.handlers import HandlerContext, handler, parse_params
+from taskexec.handlers import ApprovalParams, HandlerContext, handler, parse_params
 
 __all__ = ["ApprovalParams", "approval"]
 
 
-class ApprovalParams(BaseModel):
-    """The params of ``approval``."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    message: str = Field("approve to continue", max_length=2000)
-    timeout: float | None = Field(None, gt=0)
-
-
-@handler("approval")
+@handler("approval", params=ApprovalParams)
 def approval(params: dict[str, Any], inputs: dict[str, Any], ctx: HandlerContext) -> dict[str, Any]:
     """Ask for a decision: the task waits in ``waiting_approval``."""
     p = parse_params(ApprovalParams, params, "approval")

@@ -4,8 +4,14 @@ Params: ``url`` (http or https), ``method`` (default GET, or POST with ``json``)
 ``headers``, ``json`` (a body sent as JSON), ``timeout`` (seconds, at most the task's).
 The request carries an ``Idempotency-Key`` header (run/task/attempt) unless one is given.
 
-Output: ``{"status_code", "headers", "json"}`` when the response is JSON, else
-``{"status_code", "headers", "text"}`` (the body cut at 1 MiB).
+Output: ``{"status_code", "headers", "json"}`` when the response is JSON (its
+``Content-Type``, a header name matched in any case, says ``json``), else
+``{"status_code", "headers", "text"}`` (the body cut at 1 MiB). ``headers`` keeps the
+names as the server sent them.
+
+Requests go through this worker process's pooled httpx client
+(:func:`workers.netguard.client`): connections are kept alive between tasks; the request's
+timeout (connect, each read and write) is ``timeout``.
 
 Requests reach public addresses only, unless the operator allows more
 (``TASKEXEC_HTTP_ALLOW``): every connection, redirects included, is checked when it is
@@ -16,36 +22,33 @@ nothing is sent.
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+import httpx
 
 from taskexec.errors import DestinationNotAllowedError, RetryableError, TaskFailed
-from taskexec.handlers import HandlerContext, handler, parse_params
-from workers.netguard import Allowance, opener
+from taskexec.handlers import HandlerContext, HttpParams, handler, parse_params
+from workers import netguard
 
 __all__ = ["HttpParams", "http"]
 
 MAX_BODY = 1024 * 1024
 
 
-class HttpParams(BaseModel):
-    """The params of ``http``; matrix params may sit beside them and are ignored."""
+def _headers(response: httpx.Response) -> dict[str, str]:
+    """The response's headers as the server named them; a repeated one joined by commas."""
+    out: dict[str, str] = {}
+    lower: dict[str, str] = {}
+    for raw_name, raw_value in response.headers.raw:
+        name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+        first = lower.setdefault(name.lower(), name)
+        out[first] = f"{out[first]}, {value}" if first in out else value
+    return out
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
 
-    url: str = Field(pattern=r"^https?://")
-    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
-    json_body: Any = Field(None, alias="json")
-    timeout: float | None = Field(None, gt=0)
-
-
-def _output(status: int, headers: dict[str, str], body: bytes) -> dict[str, Any]:
-    out: dict[str, Any] = {"status_code": status, "headers": headers}
-    if "json" in headers.get("Content-Type", headers.get("content-type", "")):
+def _output(response: httpx.Response, body: bytes) -> dict[str, Any]:
+    out: dict[str, Any] = {"status_code": response.status_code, "headers": _headers(response)}
+    if "json" in response.headers.get("content-type", "").lower():  # httpx: any case of the name
         try:
             out["json"] = json.loads(body)
             return out
@@ -55,30 +58,43 @@ def _output(status: int, headers: dict[str, str], body: bytes) -> dict[str, Any]
     return out
 
 
-@handler("http")
+def _read(response: httpx.Response, limit: int) -> bytes:
+    """At most ``limit`` bytes of the body (a larger one is not read to its end)."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            break
+    return b"".join(chunks)[:limit]
+
+
+@handler("http", params=HttpParams)
 def http(params: dict[str, Any], inputs: dict[str, Any], ctx: HandlerContext) -> dict[str, Any]:
     """Send the request; the response as the output."""
     p = parse_params(HttpParams, params, "http")
-    headers = {"User-Agent": "taskexec", "Idempotency-Key": ctx.idempotency_key, **p.headers}
-    data = None
+    headers = httpx.Headers({"User-Agent": "taskexec", "Idempotency-Key": ctx.idempotency_key})
+    headers.update(p.headers)  # the plan's, whatever the case of their names, win
+    content = None
     if p.json_body is not None:
-        data = json.dumps(p.json_body).encode()
+        content = json.dumps(p.json_body).encode()
         headers.setdefault("Content-Type", "application/json")
-    method = p.method or ("POST" if data is not None else "GET")
-    req = urllib.request.Request(p.url, data=data, headers=headers, method=method)
+    method = p.method or ("POST" if content is not None else "GET")
     timeout = min(p.timeout or ctx.timeout, ctx.timeout)
-    guarded = opener(Allowance.parse(ctx.settings.http_allow))
+    session = netguard.client(netguard.Allowance.parse(ctx.settings.http_allow))
     try:
-        with guarded.open(req, timeout=timeout) as resp:
-            return _output(resp.status, dict(resp.headers), resp.read(MAX_BODY + 1))
+        with session.stream(method, p.url, content=content, headers=headers, timeout=timeout) as resp:
+            if resp.is_success:
+                return _output(resp, _read(resp, MAX_BODY + 1))
+            body = _read(resp, 2000).decode("utf-8", "replace").strip()
     except DestinationNotAllowedError as e:
         raise DestinationNotAllowedError(f"{method} {p.url}: {e.message}") from None
-    except urllib.error.HTTPError as e:
-        body = e.read(2000).decode("utf-8", "replace").strip()
-        message = f"{method} {p.url}: HTTP {e.code} {body[:300]}".strip()
-        if e.code >= 500 or e.code == 429:
-            raise RetryableError(message) from None
-        raise TaskFailed(message) from None
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-        reason = getattr(e, "reason", e)
-        raise RetryableError(f"{method} {p.url}: {reason}") from None
+    except (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.TooManyRedirects) as e:
+        raise TaskFailed(f"{method} {p.url}: {e}") from None
+    except httpx.TransportError as e:  # refused, DNS, TLS, timeouts, a reset
+        raise RetryableError(f"{method} {p.url}: {type(e).__name__}: {e}") from None
+    message = f"{method} {p.url}: HTTP {resp.status_code} {body[:300]}".strip()
+    if resp.status_code >= 500 or resp.status_code == 429:
+        raise RetryableError(message)
+    raise TaskFailed(message)

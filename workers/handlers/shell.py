@@ -39,10 +39,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from taskexec.errors import ParamsError, RetryableError, TaskCancelled, TaskFailed
-from taskexec.handlers import HandlerContext, handler, parse_params
+from taskexec.handlers import HandlerContext, ShellParams, handler, parse_params
 from taskexec.settings import Settings
 
 __all__ = ["INHERITED", "ShellParams", "command_env", "shell"]
@@ -56,18 +54,6 @@ _PR_SET_PDEATHSIG = 1
 INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "_TASKEXEC_EMBEDDED_FLEET")
 #: PATH of a command when the worker has none.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-class ShellParams(BaseModel):
-    """The params of ``shell``; matrix params may sit beside them and are ignored."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    argv: list[str] = Field(min_length=1)
-    env: dict[str, str] = Field(default_factory=dict)
-    cwd: str | None = None
-    timeout: float | None = Field(None, gt=0)
-    parse_json: bool = False
 
 
 #: The params the handler itself reads; the rest go to the command in ``TASKEXEC_PARAMS``.
@@ -133,7 +119,7 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=5)
 
 
-@handler("shell")
+@handler("shell", params=ShellParams)
 def shell(params: dict[str, Any], inputs: dict[str, Any], ctx: HandlerContext) -> dict[str, Any]:
     """Run ``argv`` with the inputs on stdin; fail (retryably) on a non-zero exit."""
     p = parse_params(ShellParams, params, "shell")

@@ -16,27 +16,12 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
 
 from taskexec.errors import RetryableError, TaskCancelled
-from taskexec.handlers import HandlerContext, handler, parse_params
+from taskexec.handlers import HandlerContext, StubParams, handler, parse_params
 
 __all__ = ["StubParams", "stub"]
-
-
-class StubParams(BaseModel):
-    """The params the stub understands."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    delay: float = Field(0.0, ge=0, le=86_400)
-    output: dict[str, Any] | None = None
-    behavior: Literal["success", "failure", "timeout", "error"] = "success"
-    fail_attempts: int = Field(0, ge=0)
-    failure_rate: float = Field(0.0, ge=0, le=1)
-    seed: int | str | None = None
 
 
 def _wait(seconds: float, ctx: HandlerContext) -> None:
@@ -47,7 +32,7 @@ def _wait(seconds: float, ctx: HandlerContext) -> None:
         time.sleep(min(left, 0.1))
 
 
-@handler("stub")
+@handler("stub", params=StubParams)
 def stub(params: dict[str, Any], inputs: dict[str, Any], ctx: HandlerContext) -> dict[str, Any]:
     """Wait ``delay`` seconds, then succeed or fail as ``behavior`` says."""
     p = parse_params(StubParams, params, "stub")
