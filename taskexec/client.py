@@ -1,10 +1,14 @@
 """The producer's Python API: submit plans, wait for runs, read results, cancel, resume.
 
+Without ``TASKEXEC_BROKER_URL``, :meth:`Client.from_env` runs embedded, as ``taskexec run``
+does: the client starts a private fleet (Redis, a SQLite store under ``TASKEXEC_HOME``, a
+local worker) when it first needs one and stops it when closed.
+
 Example:
     >>> from taskexec import Client, load_plan
-    >>> client = Client.from_env()                       # doctest: +SKIP
-    >>> run = client.submit(load_plan("examples/quickstart.yaml"))  # doctest: +SKIP
-    >>> run.wait(timeout=120).status                     # doctest: +SKIP
+    >>> with Client.from_env() as client:                # doctest: +SKIP
+    ...     run = client.submit(load_plan("examples/quickstart.yaml"))
+    ...     run.wait(timeout=120).status
     <RunStatus.SUCCEEDED: 'succeeded'>
 """
 
@@ -13,14 +17,15 @@ from __future__ import annotations
 import getpass
 import socket
 import time
+from types import TracebackType
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Celery
 
 from taskexec.celery_app import close_app, create_app, redis_url
-from taskexec.errors import HandlerNotAllowedError, PlanError
+from taskexec.errors import BrokerUnavailableError, HandlerNotAllowedError, PlanError, WaitTimeoutError
 from taskexec.models import (
     FlowState,
     LimitState,
@@ -42,6 +47,9 @@ from taskexec.settings import Settings
 from taskexec.store import Store, results, upgrade
 from taskexec.store import repository as repo
 
+if TYPE_CHECKING:
+    from taskexec.embedded import EmbeddedFleet
+
 __all__ = ["Client", "RunHandle"]
 
 
@@ -62,7 +70,12 @@ class RunHandle:
         return self.client.status(self.run_id)
 
     def wait(self, timeout: float | None = None, poll: float = 0.2) -> RunResult:
-        """Block until the run ends (or ``timeout`` seconds pass); its result."""
+        """Block until the run ends; its result.
+
+        Raises:
+            WaitTimeoutError: The run had not ended after ``timeout`` seconds (E002; also a
+                ``TimeoutError``, as Celery's ``AsyncResult.get`` raises). The run goes on.
+        """
         return self.client.wait(self.run_id, timeout=timeout, poll=poll)
 
     def cancel(self) -> RunStatus:
@@ -73,6 +86,9 @@ class RunHandle:
 class Client:
     """Talks to a fleet: the broker (Celery), Redis and the result store.
 
+    With ``embedded=True`` and no broker configured (what :meth:`from_env` does), the client
+    starts an embedded fleet when it first needs a broker and stops it in :meth:`close`.
+
     Example:
         >>> client = Client(Settings(broker_url="redis://127.0.0.1:6379/0",
         ...                          database_url="postgresql://postgres@127.0.0.1/taskexec"))
@@ -80,39 +96,102 @@ class Client:
     """
 
     def __init__(
-        self, settings: Settings | None = None, *, app: Celery | None = None, store: Store | None = None
+        self,
+        settings: Settings | None = None,
+        *,
+        app: Celery | None = None,
+        store: Store | None = None,
+        embedded: bool = False,
     ) -> None:
         self.settings = settings or Settings()
         self._app = app
         self._store = store
         self._owned: list[str] = []  # what close() closes: only what this client created
         self._redis: redis.Redis | None = None
+        self._embedded = embedded and self.settings.embedded and app is None
+        self._fleet: EmbeddedFleet | None = None
 
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *_: object) -> None:
-        self.close()
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._close(exc_type, exc, tb)
 
     def close(self) -> None:
-        """Close the connections this client opened (Redis, the store's pool, the broker's)."""
+        """Close the connections this client opened (Redis, the store's pool, the broker's);
+        stop its embedded fleet, if it started one (its unfinished runs are cancelled)."""
+        self._close(None, None, None)
+
+    def _close(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._redis is not None:
             self._redis.close()
             self._redis = None
-        if self._store is not None and "store" in self._owned:
-            self._store.close()
         if self._app is not None and "app" in self._owned:
             close_app(self._app)
+            self._app = None
+            self._owned.remove("app")
+        fleet, self._fleet = self._fleet, None
+        try:
+            if fleet is not None:
+                fleet.__exit__(exc_type, exc, tb)
+        finally:
+            if self._store is not None and "store" in self._owned:
+                self._store.close()
 
     @classmethod
     def from_env(cls) -> Client:
-        """A client configured by the ``TASKEXEC_*`` environment variables."""
-        return cls(Settings())
+        """A client configured by the ``TASKEXEC_*`` environment variables.
+
+        Without ``TASKEXEC_BROKER_URL`` it runs embedded, as ``taskexec run`` does: on first
+        use it starts a private Redis, a SQLite store under ``TASKEXEC_HOME`` and a local
+        worker, which :meth:`close` (or the end of a ``with`` block) stops, cancelling the
+        runs that have not ended. Use it as a context manager.
+
+        Example:
+            >>> with Client.from_env() as client:  # doctest: +SKIP
+            ...     client.submit(plan).wait(timeout=600)
+        """
+        return cls(Settings(), embedded=True)
+
+    @property
+    def fleet(self) -> EmbeddedFleet | None:
+        """The embedded fleet this client started, if it did."""
+        return self._fleet
+
+    def _need_broker(self) -> None:
+        """Make sure a broker is configured: start the embedded fleet, or say what to set.
+
+        Raises:
+            BrokerUnavailableError: No broker is configured and this client does not run
+                embedded (E013).
+        """
+        if self.settings.broker_url or self._fleet is not None:
+            return
+        if not self._embedded:
+            raise BrokerUnavailableError(
+                "no broker configured: set TASKEXEC_BROKER_URL to the fleet's Redis "
+                "(redis://HOST:6379/0), or use Client.from_env() without it to run on an embedded "
+                "fleet (a private Redis, SQLite under TASKEXEC_HOME and a local worker)",
+                path="TASKEXEC_BROKER_URL",
+            )
+        from taskexec.embedded import EmbeddedFleet
+
+        fleet = EmbeddedFleet(
+            self.settings.home, concurrency=self.settings.worker_concurrency, base=self.settings
+        )
+        fleet.__enter__()  # stops what it started if the start fails
+        self._fleet = fleet
+        self.settings = fleet.settings
 
     @property
     def app(self) -> Celery:
         """The Celery app used to publish (created on first use)."""
         if self._app is None:
+            self._need_broker()
             self._app = create_app(self.settings)
             self._owned.append("app")
         return self._app
@@ -132,6 +211,7 @@ class Client:
     def redis(self) -> redis.Redis:
         """A Redis client for the broker's server (rate limits, events, cancel flags)."""
         if self._redis is None:
+            self._need_broker()
             self._redis = redis.Redis.from_url(
                 redis_url(self.settings), socket_connect_timeout=5, socket_timeout=10
             )
@@ -178,13 +258,12 @@ class Client:
         """Submit one run per variant of a plan (or per manifest given)."""
         manifests = plan if isinstance(plan, list) else self.manifests(plan)
         self.store.check()
-        return [
-            RunHandle(
-                producer.submit(self.services, m, tenant=tenant, labels=labels),
-                self,
-            )
-            for m in manifests
-        ]
+        handles = []
+        for m in manifests:
+            handles.append(RunHandle(producer.submit(self.services, m, tenant=tenant, labels=labels), self))
+            if self._fleet is not None:
+                self._fleet.runs.append(handles[-1].run_id)  # cancelled if the fleet stops first
+        return handles
 
     def execute(
         self,
@@ -212,7 +291,7 @@ class Client:
 
         Raises:
             PlanError: The handler is not allowed or the params are not a mapping.
-            TimeoutError: The task did not end in time.
+            WaitTimeoutError: The task did not end in time (E002, also a ``TimeoutError``).
         """
         task = ManifestTask(
             id="task",
@@ -227,8 +306,6 @@ class Client:
         manifest = RunManifest(plan_id="execute", stages=[["task"]], tasks=[task])
         handle = self.submit(manifest, tenant=tenant, labels=labels)
         result = handle.wait(timeout=timeout * task.retry.max_attempts + 60)
-        if not result.status.terminal:
-            raise TimeoutError(f"run {handle.run_id} did not end in time")
         return result.tasks[0]
 
     def status(self, run_id: str) -> RunResult:
@@ -271,13 +348,31 @@ class Client:
         return self.status(run_id).tasks
 
     def wait(self, run_id: str, timeout: float | None = None, poll: float = 0.2) -> RunResult:
-        """Block until a run ends (or ``timeout`` seconds pass); its result then."""
+        """Block until a run ends; its result then.
+
+        Raises:
+            WaitTimeoutError: The run had not ended after ``timeout`` seconds (E002; also a
+                ``TimeoutError``, as Celery's ``AsyncResult.get`` raises); ``result`` holds it
+                as it stood. The run goes on.
+            WorkerLostError: This client's embedded fleet died meanwhile (E011).
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self.store.begin() as s:
                 status = RunStatus(repo.get_run(s, run_id).status)
-            if status.terminal or (deadline is not None and time.monotonic() >= deadline):
+            if status.terminal:
                 return self.status(run_id)
+            if deadline is not None and time.monotonic() >= deadline:
+                result = self.status(run_id)
+                if result.status.terminal:
+                    return result
+                raise WaitTimeoutError(
+                    f"run {run_id} is still {result.status.value} after {timeout:g} s "
+                    f"({_ended_count(result)}); it goes on",
+                    result=result,
+                )
+            if self._fleet is not None:
+                self._fleet.check()
             time.sleep(poll)
 
     def cancel(self, run_id: str) -> RunStatus:
@@ -333,3 +428,9 @@ class Client:
             return results.list_runs(
                 s, status=RunStatus(status) if status else None, tenant=tenant, label=label, limit=limit
             )
+
+
+def _ended_count(result: RunResult) -> str:
+    """``3/5 tasks ended`` for a run that goes on."""
+    ended = sum(1 for t in result.tasks if t.status.terminal)
+    return f"{ended}/{len(result.tasks)} tasks ended"

@@ -442,3 +442,29 @@ def test_an_embedded_run_is_approved_from_another_terminal(home: Path) -> None:
     # No embedded run in progress any more: the command says what it needs.
     p = taskexec(home, "approve", run_id, "gate")
     assert p.returncode == 2 and "embedded `taskexec run` in progress" in p.stderr
+
+
+def test_attach_with_the_default_relative_home_gives_an_absolute_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15, defect 1: ``.taskexec`` read as the host of ``redis+socket://.taskexec/...``."""
+    import redis
+
+    from taskexec.celery_app import redis_url
+    from taskexec.embedded import attach, live_socket
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".taskexec").mkdir()
+    sock = tmp_path / ".taskexec" / f"redis-{os.getpid()}.sock"  # a live pid: this one
+    sock.touch()
+    monkeypatch.setattr(redis.Redis, "ping", lambda self: True)  # a server that answers
+    assert live_socket(Path(".taskexec")) == sock.resolve()
+    attached = attach(Settings(home=Path(".taskexec"), broker_url=None, database_url=None))
+    assert attached is not None
+    assert attached.broker_url == f"redis+socket://{sock.resolve()}"
+    assert attached.database_url == f"sqlite:///{(tmp_path / '.taskexec' / 'taskexec.db').resolve()}"
+    client = redis.Redis.from_url(redis_url(attached))
+    try:
+        assert client.connection_pool.connection_kwargs["path"] == str(sock.resolve())
+    finally:
+        client.close()

@@ -21,7 +21,7 @@ from taskexec.cli.common import (
     user_errors,
 )
 from taskexec.cli.common import labels as labels_of
-from taskexec.models import RunManifest, RunResult, RunStatus
+from taskexec.models import RunManifest, RunResult, RunStatus, TaskStatus
 from taskexec.settings import Settings
 
 if TYPE_CHECKING:
@@ -185,10 +185,23 @@ def status(run_id: str, as_json: bool) -> None:
         click.echo(report.to_json(result))
     else:
         report.render_table(result, Console())
+        _print_approvals(result)
         if not result.status.terminal and not client.settings.embedded:
             _print_flow(client, run_id)
     failed = result.status.terminal and result.status is not RunStatus.SUCCEEDED
     sys.exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+def _print_approvals(result: RunResult) -> None:
+    """The question of each task waiting for approval, and the command that answers it."""
+    for t in result.tasks:
+        if t.status is TaskStatus.WAITING_APPROVAL:
+            ask = (t.output or {}).get("approval") or {}
+            question = ask.get("message") or "approve?"
+            by = f", by {ask['deadline']}" if ask.get("deadline") else ""
+            click.echo(
+                f"{t.id} waits for approval: {question}  (taskexec approve {result.run_id} {t.id}{by})"
+            )
 
 
 def _print_flow(client: Client, run_id: str) -> None:
