@@ -40,6 +40,7 @@ __all__ = [
     "RetryableError",
     "TaskFailed",
     "Validator",
+    "HandlerTimedOut",
     "ApprovalParams",
     "HttpParams",
     "ShellParams",
@@ -58,6 +59,14 @@ __all__ = [
 
 #: Largest output a handler may return, as JSON, unless the operator sets another.
 MAX_OUTPUT_BYTES = 16 * 1024 * 1024
+
+
+class HandlerTimedOut(RetryableError):
+    """A handler's own time limit fired (``shell``'s ``params.timeout``).
+
+    The attempt ends as when the task's ``timeout`` fires: ``timed_out`` (E002), retried
+    while attempts remain. A :class:`RetryableError`, so that code catching those still does.
+    """
 
 
 def _never() -> bool:

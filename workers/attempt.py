@@ -9,6 +9,7 @@ returns an object           ``succeeded`` (or ``validating`` when it has criteri
 ``RetryableError``          ``retrying``        ``failed``: E005, or E003 after one attempt
 other exception             ``retrying``        ``error``: E005, or E003 after one attempt
 soft time limit             ``retrying``        ``timed_out``: E002
+``HandlerTimedOut``         ``retrying``        ``timed_out``: E002
 ``TaskFailed``              ``failed`` at once (E003; E001 for bad params)
 ``TaskCancelled``           ``cancelled``: E004
 handler not allowed         ``error``: E010 at once
@@ -40,7 +41,7 @@ from taskexec.errors import (
     TaskCancelled,
     TaskFailed,
 )
-from taskexec.handlers import HandlerContext, check_output
+from taskexec.handlers import HandlerContext, HandlerTimedOut, check_output
 from taskexec.models import Change, ErrorCode, ManifestTask, TaskStatus
 from taskexec.run import events, faultpoints
 from taskexec.run.dispatch import release
@@ -168,6 +169,8 @@ class Attempt:
             return self.ended(_T.CANCELLED, ErrorCode.CANCELLED, "cancelled while running")
         except TaskFailed as e:
             return self.ended(_T.FAILED, e.code, secrets.redact(e.message, found))
+        except HandlerTimedOut as e:  # the handler's own limit: a timeout as the task's is
+            return self.failed(_T.TIMED_OUT, secrets.redact(e.message, found), measured())
         except RetryableError as e:
             return self.failed(_T.FAILED, secrets.redact(e.message, found), measured())
         except Exception as e:

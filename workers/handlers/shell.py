@@ -20,9 +20,12 @@ entries and files. The worker then needs ``CAP_SETUID``/``CAP_SETGID`` to switch
 ``CAP_KILL`` to stop the command: ``deploy/`` runs executors as root with only those.
 
 Output: ``{"exit_code", "stdout", "stderr"}`` (each stream cut at 1 MiB). A non-zero exit
-is an execution error (E003), retried while attempts remain. The command runs in its own
-process group, killed with it when the task times out or the run is cancelled, and killed
-by the kernel if the worker process running it dies (``PR_SET_PDEATHSIG``).
+is an execution error (E003), retried while attempts remain. A command still running at
+``timeout`` ends the attempt ``timed_out`` (E002), as the task's own ``timeout`` does.
+
+The command runs in its own process group, killed with it when the task times out or the
+run is cancelled, and killed by the kernel if the worker process running it dies
+(``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from taskexec.errors import ParamsError, RetryableError, TaskCancelled, TaskFailed
-from taskexec.handlers import HandlerContext, ShellParams, handler, parse_params
+from taskexec.handlers import HandlerContext, HandlerTimedOut, ShellParams, handler, parse_params
 from taskexec.settings import Settings
 
 __all__ = ["INHERITED", "ShellParams", "command_env", "shell"]
@@ -174,7 +177,7 @@ def shell(params: dict[str, Any], inputs: dict[str, Any], ctx: HandlerContext) -
                 if ctx.is_cancelled():
                     raise TaskCancelled("the run was cancelled") from None
                 if waited >= limit:
-                    raise RetryableError(f"{p.argv[0]} did not finish in {limit:g} s") from None
+                    raise HandlerTimedOut(f"{p.argv[0]} did not finish in {limit:g} s") from None
     finally:
         if proc.poll() is None:
             _kill(proc)
