@@ -48,7 +48,7 @@ from taskexec.models import (
     TaskResult,
     TaskStatus,
 )
-from taskexec.plan import Plan, load_plan, parse_plan
+from taskexec.plan import Plan, PlanTask, load_plan, parse_plan
 from taskexec.plan.compiler import compile_plan
 from taskexec.settings import Settings
 
@@ -58,6 +58,7 @@ __all__ = [
     # plans and manifests
     "ManifestTask",
     "Plan",
+    "PlanTask",
     "RunManifest",
     "compile_plan",
     "load_plan",

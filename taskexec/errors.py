@@ -34,6 +34,7 @@ from __future__ import annotations
 from taskexec.models import ErrorCode
 
 __all__ = [
+    "MAX_ERRORS",
     "AwaitApproval",
     "BrokerUnavailableError",
     "ConflictError",
@@ -59,8 +60,17 @@ __all__ = [
 ]
 
 
+#: The most errors of one plan that are reported together (``taskexec validate`` lists them).
+MAX_ERRORS = 50
+
+
 class TaskexecError(Exception):
-    """Root of every error taskexec raises on purpose."""
+    """Root of every error taskexec raises on purpose.
+
+    One error may carry others found with it (a plan's every error, say): ``errors`` lists
+    them all, this one first, at most :data:`MAX_ERRORS`; ``str()`` is the first one's line
+    and how many more there are.
+    """
 
     code: ErrorCode = ErrorCode.EXECUTION_ERROR
 
@@ -68,10 +78,35 @@ class TaskexecError(Exception):
         super().__init__(message)
         self.message = message
         self.path = path
+        self.others: list[TaskexecError] = []
+        self.omitted = 0  # errors found beyond MAX_ERRORS, counted only
 
-    def __str__(self) -> str:
+    @property
+    def errors(self) -> list[TaskexecError]:
+        """This error and the others found with it, in the order found."""
+        return [self, *self.others]
+
+    @property
+    def more(self) -> int:
+        """How many errors were found besides this one (listed or not)."""
+        return len(self.others) + self.omitted
+
+    def line(self) -> str:
+        """This error alone, one line: ``E001 tasks[1].timeout: must be greater than 0``."""
         where = f" {self.path}" if self.path else ""
         return f"{self.code.value}{where}: {self.message}"
+
+    def __str__(self) -> str:
+        return self.line() + (f" (and {self.more} more errors)" if self.more else "")
+
+    @staticmethod
+    def gathered(errors: list[TaskexecError], total: int | None = None) -> TaskexecError:
+        """The first of ``errors`` carrying the rest (at most :data:`MAX_ERRORS` in all);
+        ``total`` counts errors found but not built."""
+        first = errors[0]
+        first.others = errors[1:MAX_ERRORS]
+        first.omitted = max(len(errors), total or 0) - 1 - len(first.others)
+        return first
 
 
 class InvalidInputError(TaskexecError):

@@ -21,3 +21,9 @@ def test_every_export_is_documented() -> None:
     for name in taskexec.__all__:
         doc = getattr(taskexec, name).__doc__
         assert doc and doc.strip(), f"{name} has no docstring"
+
+
+def test_the_task_model_for_plans_built_in_code_is_exported() -> None:
+    """Issue 15: ``taskexec.Plan(tasks=[taskexec.PlanTask(...)])`` builds a plan in code."""
+    assert "PlanTask" in taskexec.__all__
+    assert taskexec.PlanTask is taskexec.plan.PlanTask

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
-from taskexec.cli.common import manifests, user_errors
+from taskexec.cli.common import EXIT_INVALID, manifests, user_errors
+from taskexec.errors import HandlerNotAllowedError, PlanError
 from taskexec.models import MatrixInfo
 from taskexec.settings import Settings
 
@@ -15,8 +18,22 @@ __all__ = ["compile_", "validate"]
 @click.argument("plan", type=click.Path(dir_okay=True))
 @user_errors
 def validate(plan: str) -> None:
-    """Load and compile PLAN; exit 0 when it is valid, 2 with the first error when not."""
-    found = manifests(plan, Settings())
+    """Load and compile PLAN; exit 0 when it is valid, 2 with its errors when not.
+
+    Every error found is a line with its code and path (at most 50); the first line is the
+    first error, as other commands print it.
+    """
+    try:
+        found = manifests(plan, Settings())
+    except (PlanError, HandlerNotAllowedError) as e:
+        if not e.more:
+            raise
+        click.echo(f"taskexec: {e}", err=True)
+        for other in e.others:
+            click.echo(f"taskexec: {other.line()}", err=True)
+        if e.omitted:
+            click.echo(f"taskexec: … and {e.omitted} more errors", err=True)
+        sys.exit(EXIT_INVALID)
     tasks = sum(len(m.tasks) for m in found)
     stages = max(len(m.stages) for m in found)
     click.echo(f"{plan}: valid, {len(found)} variant(s), {tasks} task(s), {stages} stage(s)")

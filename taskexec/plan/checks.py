@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 from taskexec.errors import HandlerNotAllowedError, PlanError
-from taskexec.plan.schema import Plan, PlanTask
+from taskexec.plan.schema import Plan, PlanTask, closest
 from taskexec.settings import Settings
 
 __all__ = ["check_node"]
@@ -36,8 +36,9 @@ def check_node(task: PlanTask, path: str, plan: Plan, settings: Settings, allowe
         ok = allowed[handler] = settings.handler_allowed(handler)
     if not ok:
         names = ", ".join(settings.allowed_handlers)
+        hint = closest(handler, settings.allowed_handlers)
         raise HandlerNotAllowedError(
-            f"handler {handler!r} is not allowed here (allowed: {names})", path=f"{path}.handler"
+            f"handler {handler!r} is not allowed here (allowed: {names}){hint}", path=f"{path}.handler"
         )
     if task.timeout is not None and task.timeout > settings.max_task_timeout:
         raise PlanError(

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Set as AbstractSet
 
-from taskexec.errors import DependencyCycleError, PlanError
+from taskexec.errors import DependencyCycleError, PlanError, TaskexecError
+from taskexec.plan.schema import closest
 from taskexec.plan.tree import Node
 
 __all__ = ["check_artifacts", "dependencies", "stages"]
@@ -18,7 +19,9 @@ def dependencies(nodes: list[Node], by_id: dict[str, int]) -> tuple[list[int], l
     """The atomic nodes, and for every node the atomic nodes it depends on, sorted, no duplicates.
 
     A group's entry is empty: its ``depends_on`` reaches its atomic descendants instead.
+    Every unknown id is reported (one error carrying the others), with the closest known id.
     """
+    unknown: list[TaskexecError] = []
     leaf = [node.task.tasks is None for node in nodes]
     under: dict[int, list[int]] = {}  # group -> its atomic descendants, built when first needed
     inherited: list[frozenset[int]] = []  # node -> atomic nodes that it and its ancestors depend on
@@ -33,7 +36,9 @@ def dependencies(nodes: list[Node], by_id: dict[str, int]) -> tuple[list[int], l
             for k, dep in enumerate(node.task.depends_on):
                 j = by_id.get(dep)
                 if j is None:
-                    raise PlanError(f"unknown task {dep!r}", path=f"{node.path}.depends_on[{k}]")
+                    hint = closest(dep, by_id) if len(unknown) < 50 else ""
+                    unknown.append(PlanError(f"unknown task {dep!r}{hint}", path=f"{node.path}.depends_on[{k}]"))
+                    continue
                 if leaf[j]:
                     grown.add(j)
                 else:
@@ -48,6 +53,8 @@ def dependencies(nodes: list[Node], by_id: dict[str, int]) -> tuple[list[int], l
         else:
             deps.append([])
             inherited.append(frozenset(found))
+    if unknown:
+        raise TaskexecError.gathered(unknown)
     return leaves, deps
 
 
@@ -110,6 +117,9 @@ def _cycle_error(nodes: list[Node], deps: list[list[int]], stage: list[int], res
 
 
 def check_artifacts(nodes: list[Node], deps: list[list[int]], stage: list[int]) -> None:
+    """Each artifact has one producer, upstream of every task that reads it; every error is
+    reported (one error carrying the others), an unknown name with the closest known one."""
+    errors: list[TaskexecError] = []
     producer: dict[str, int] = {}
     for i, node in enumerate(nodes):
         out = node.task.output
@@ -117,23 +127,34 @@ def check_artifacts(nodes: list[Node], deps: list[list[int]], stage: list[int]) 
             continue
         if out in producer:
             other = nodes[producer[out]]
-            raise PlanError(
+            errors.append(
+                PlanError(
                 f"artifact {out!r} is already the output of task {other.task.id!r} ({other.path})",
-                path=f"{node.path}.output",
+                    path=f"{node.path}.output",
+                )
             )
+            continue
         producer[out] = i
     for i, node in enumerate(nodes):
         for k, name in enumerate(node.task.inputs):
             where = f"{node.path}.inputs[{k}]"
             if name not in producer:
-                raise PlanError(f"artifact {name!r} is not produced by any upstream task", path=where)
+                hint = closest(name, producer) if len(errors) < 50 else ""
+                errors.append(
+                    PlanError(f"artifact {name!r} is not produced by any upstream task{hint}", path=where)
+                )
+                continue
             src = producer[name]
             if not _upstream(src, i, deps, stage):
-                raise PlanError(
-                    f"artifact {name!r} is produced by task {nodes[src].task.id!r}, "
-                    f"which is not upstream of this task",
-                    path=where,
+                errors.append(
+                    PlanError(
+                        f"artifact {name!r} is produced by task {nodes[src].task.id!r}, "
+                        f"which is not upstream of this task",
+                        path=where,
+                    )
                 )
+    if errors:
+        raise TaskexecError.gathered(errors)
 
 
 def _upstream(src: int, dst: int, deps: list[list[int]], stage: list[int]) -> bool:

@@ -5,13 +5,14 @@ e.g. ``E001 tasks[1].tasks[0].timeout: must be greater than 0``.
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Mapping
-from typing import Annotated, Any
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, cast, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
-from taskexec.errors import PlanError
+from taskexec.errors import MAX_ERRORS, PlanError
 from taskexec.models import Notify, PathCriterion, RateLimit, StopConditions, ValidatorCriterion
 from taskexec.plan.matrix import MatrixSpec
 
@@ -22,6 +23,21 @@ _ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,199}$"
 
 class _Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class _Validated:
+    """Models built in code raise the plan's own error (E001 with the field path), never
+    pydantic's ``ValidationError``."""
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise plan_error_from(e, type(self)) from None  # type: ignore[arg-type]
+
+    # Not a custom __init__ to pydantic: validating a plan file (model_validate) does not call
+    # it for every nested task, so errors there keep their full path (tasks[1].depend_on).
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
 
 
 class RetrySpec(_Strict):
@@ -61,8 +77,17 @@ PlanCriterion = Annotated[
 ]
 
 
-class PlanTask(Policy):
-    """A task of the plan: atomic (with a handler) or a group (with child ``tasks``)."""
+class PlanTask(_Validated, Policy):
+    """A task of the plan: atomic (with a handler) or a group (with child ``tasks``).
+
+    Built in code, a bad field raises :class:`~taskexec.errors.PlanError` (E001 and the
+    field's path), as a plan file does:
+
+    >>> PlanTask(id="a", handler="stub", depend_on=["b"])
+    Traceback (most recent call last):
+    ...
+    taskexec.errors.PlanError: E001 depend_on: unknown field (did you mean depends_on?)
+    """
 
     id: str = Field(pattern=_ID_PATTERN)
     name: str | None = None
@@ -81,7 +106,7 @@ class PlanTask(Policy):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
 
-class Plan(_Strict):
+class Plan(_Validated, _Strict):
     """A whole plan file."""
 
     id: str | None = Field(None, pattern=_ID_PATTERN)
@@ -131,9 +156,57 @@ def _message(err: Any) -> str:
     return msg[0].lower() + msg[1:] if msg else kind
 
 
-def plan_error_from(exc: ValidationError) -> PlanError:
-    """The first error of a pydantic validation as a :class:`PlanError` with its field path."""
+def _keys(model: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The models an annotation holds (``X | None``, ``list[X]``, ``dict[str, X]``, unions)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+def _keys_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The keys known where ``loc`` points (the mapping that holds its last part)."""
+    models: list[type[BaseModel]] = [root]
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue  # an item of a list: the same models
+        inner: list[type[BaseModel]] = []
+        for m in models:
+            fields = {f.alias or name: f for name, f in m.model_fields.items()}
+            if part in fields:
+                inner.extend(_models_in(fields[part].annotation))
+        if inner:
+            models = inner
+        # else: a dict key or a union's tag ("path", "validator"): the same models
+    return sorted({k for m in models for k in _keys(m)})
+
+
+def closest(name: object, known: Iterable[str]) -> str:
+    """`` (did you mean X?)``: the known name closest to ``name``, or nothing when none is close."""
+    if not isinstance(name, str):
+        return ""
+    found = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {found[0]}?)" if found else ""
+
+
+def _error(err: Any, root: type[BaseModel]) -> PlanError:
+    loc = tuple(err["loc"])
+    message = _message(err)
+    if err["type"] == "extra_forbidden" and loc:
+        message += closest(loc[-1], _keys_at(root, loc))
+    return PlanError(message, path=_field_path(loc))
+
+
+def plan_error_from(exc: ValidationError, root: type[BaseModel] | None = None) -> PlanError:
+    """A pydantic validation as a :class:`PlanError` with the first error's field path,
+    carrying every error (at most :data:`~taskexec.errors.MAX_ERRORS`) in ``errors``.
+
+    ``root`` is the model validated (default :class:`Plan`): it tells which keys a typo
+    was meant to be (``depend_on``: ``did you mean depends_on?``).
+    """
     errors = exc.errors()
-    first = errors[0]
-    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
-    return PlanError(_message(first) + more, path=_field_path(tuple(first["loc"])))
+    built = [_error(e, root or Plan) for e in errors[:MAX_ERRORS]]
+    return cast(PlanError, PlanError.gathered(list(built), total=len(errors)))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from taskexec.errors import PlanError
+from taskexec.errors import PlanError, TaskexecError
 from taskexec.models import RetryPolicy
 from taskexec.plan.checks import check_node
 from taskexec.plan.schema import Plan, PlanTask
@@ -65,21 +65,29 @@ def flatten(plan: Plan, settings: Settings) -> tuple[list[Node], dict[str, int]]
     todo: list[tuple[PlanTask, str, int, InheritedPolicy]] = [
         (t, f"tasks[{i}]", -1, root) for i, t in reversed(list(enumerate(plan.tasks)))
     ]
+    # Every task's errors are reported at the end, one error carrying the others.
+    errors: list[TaskexecError] = []
     while todo:
         task, path, parent, policy = todo.pop()
-        check_node(task, path, plan, settings, allowed)
+        try:
+            check_node(task, path, plan, settings, allowed)
+        except TaskexecError as e:
+            errors.append(e)
+        index = len(nodes)
         if task.id in by_id:
             first = nodes[by_id[task.id]].path
-            raise PlanError(f"duplicate task id {task.id!r} (first at {first})", path=f"{path}.id")
-        index = len(nodes)
+            errors.append(PlanError(f"duplicate task id {task.id!r} (first at {first})", path=f"{path}.id"))
+        else:
+            by_id[task.id] = index
         node = Node(task, path, parent, policy.under(task))
         nodes.append(node)
-        by_id[task.id] = index
         if task.tasks:
             todo.extend(
                 (c, f"{path}.tasks[{i}]", index, node.policy)
                 for i, c in reversed(list(enumerate(task.tasks)))
             )
+    if errors:
+        raise TaskexecError.gathered(errors)
     # Subtree sizes, children before parents: pre-order puts a subtree in one contiguous run.
     size = [1] * len(nodes)
     for i in range(len(nodes) - 1, -1, -1):
