@@ -20,6 +20,7 @@ from typing import Any
 
 import redis
 from celery import Task
+from celery.exceptions import ChordError, TaskRevokedError
 from celery.signals import worker_process_init
 from redis.exceptions import LockError
 
@@ -171,16 +172,52 @@ def stage_failed(self: Task, run_id: str, stage: int) -> None:
     Nothing is lost: every task's state is in the store. The failure is recorded on the
     run, which stays ``running``; the reconciler finds the stage settled in the store and
     dispatches what comes next, and takes over any task the failure left running.
+
+    A run that is stopping (a cancel, say) revoked its queued messages, and a revoked part
+    fails its chord: that is how a stop ends a chord, logged at INFO, no incident recorded.
     """
     rt = runtime()
     what = "a batch of released tasks" if stage < 0 else f"stage {stage}"
     message = f"the chord of {what} failed in the infrastructure; the reconciler carries the run on"
-    log.error("run %s: %s", run_id, message)
     try:
         with rt.store.begin() as s:
-            repo.record_incident(s, run_id, message)
+            reason = repo.stop_reason(s, run_id)
+            if reason is None:
+                repo.record_incident(s, run_id, message)
     except DatabaseUnavailableError as e:
+        log.error("run %s: %s (the store is unreachable: recorded later)", run_id, message)
         raise self.retry(countdown=STORE_RETRY_SECONDS, exc=e) from e
+    if reason is None:
+        log.error("run %s: %s", run_id, message)
+        return
+    verb = "cancel" if reason == "cancelled" else f"stop ({reason})"
+    log.info("run %s: the chord of %s ended by its %s (revoked messages)", run_id, what, verb)
+
+
+def _revoked_part(exc: BaseException | None) -> bool:
+    """A chord error caused by a revoked header task: the run was cancelled."""
+    if exc is None:
+        return False
+    if isinstance(exc, TaskRevokedError) or isinstance(exc.__cause__, TaskRevokedError):
+        return True
+    return isinstance(exc, ChordError) and "TaskRevokedError(" in str(exc)
+
+
+class _RevokedChordIsNoError(logging.Filter):
+    """Celery's result backend logs a chord failed by a revoked part as an ERROR with the
+    ChordError's traceback. Only a cancel revokes taskexec's messages: INFO, no traceback.
+    Any other chord failure stays as Celery logs it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.exc_info and _revoked_part(record.exc_info[1]):
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+            record.exc_info, record.exc_text = None, None
+            record.msg = f"{record.msg} (a revoked message: the run was cancelled)"
+        return True
+
+
+for _name in ("celery.backends.redis", "celery.backends.base"):
+    logging.getLogger(_name).addFilter(_RevokedChordIsNoError())
 
 
 @app.task(name="taskexec.reconcile", ignore_result=True)
