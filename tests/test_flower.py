@@ -378,3 +378,25 @@ def test_flower_task_format(name: str, args: str, shown: str) -> None:
 )  # fmt: skip
 def test_is_loopback(address: str, loopback: bool) -> None:
     assert is_loopback(address) is loopback
+
+
+def test_flower_says_where_it_listens_and_whether_its_api_needs_auth(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 15: a plain start answers 401 on /api/*; the start says so, and where it listens."""
+    from celery.bin.celery import celery
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(celery, "main", lambda args, **_: started.append(list(args)))
+    env = {**NO_AUTH_ENV, "FLOWER_UNAUTHENTICATED_API": None}
+    plain = CliRunner().invoke(main, ["flower", "--port", "5601"], env=env)
+    assert plain.exit_code == 0, plain.output
+    assert "http://127.0.0.1:5601/" in plain.output
+    assert "/api/" in plain.output and "401" in plain.output and "TASKEXEC_FLOWER_BASIC_AUTH" in plain.output
+
+    env = {**env, "TASKEXEC_FLOWER_BASIC_AUTH": "ops:pw"}
+    authed = CliRunner().invoke(main, ["flower", "--port", "5601", "--url-prefix", "flower"], env=env)
+    assert authed.exit_code == 0, authed.output
+    assert "http://127.0.0.1:5601/flower/" in authed.output
+    assert "basic auth" in authed.output and "401" not in authed.output
+    assert len(started) == 2

@@ -130,6 +130,26 @@ _ARG_NAMES = {
 }
 
 
+def _start_line(port: int, address: str, url_prefix: str | None, *, basic: bool) -> str:
+    """Where Flower listens and who may use it: a plain start serves its pages to anyone who
+    reaches it, while its API (``/api/*``) answers 401 until authentication is set."""
+    host = address or "0.0.0.0"
+    prefix = "/" + url_prefix.strip("/") + "/" if url_prefix and url_prefix.strip("/") else "/"
+    where = f"http://{host}:{port or '<a free port>'}{prefix}"
+    if basic:
+        who = "basic auth required for its pages and its API (/api/*)"
+    elif os.environ.get("FLOWER_AUTH"):
+        who = "FLOWER_AUTH's login required for its pages and its API (/api/*)"
+    elif os.environ.get("FLOWER_UNAUTHENTICATED_API", "").lower() in ("1", "true", "yes"):
+        who = "no authentication: its pages and its API (/api/*) are open to whoever reaches it"
+    else:
+        who = (
+            "pages without authentication; its API (/api/*) answers 401 until "
+            "TASKEXEC_FLOWER_BASIC_AUTH=user:password is set (or FLOWER_UNAUTHENTICATED_API=true)"
+        )
+    return f"taskexec flower: listening on {where} ({who})"
+
+
 @click.command()
 @click.option("--port", type=click.IntRange(0, 65535), default=5555, show_default=True)
 @click.option(
@@ -212,6 +232,7 @@ def flower(
         enable_task_events(app, wait=1.0)
     except Exception as e:  # the broker is away: Flower reports it, and asks again itself
         click.echo(f"taskexec flower: enable_events broadcast failed: {e}", err=True)
+    click.echo(_start_line(port, address, url_prefix, basic=bool(basic_auth)))
     celery_command.main(args=argv, prog_name="taskexec flower", auto_envvar_prefix="CELERY")
 
 
