@@ -23,9 +23,13 @@ Output: ``{"exit_code", "stdout", "stderr"}`` (each stream cut at 1 MiB). A non-
 is an execution error (E003), retried while attempts remain. A command still running at
 ``timeout`` ends the attempt ``timed_out`` (E002), as the task's own ``timeout`` does.
 
-The command runs in its own process group, killed with it when the task times out or the
-run is cancelled, and killed by the kernel if the worker process running it dies
-(``PR_SET_PDEATHSIG``).
+The command runs in its own session and process group, which dies with the step: the whole
+group is killed when the task times out or the run is cancelled, and what the command left
+running when it ended. If the worker process dies (``kill -9``, a hard time limit), the
+kernel kills the command (``PR_SET_PDEATHSIG``), and a watchdog in the command's group
+(``/bin/sh``, holding the read end of a pipe only the worker process writes to) kills the
+rest of the group when the pipe closes: grandchildren are never left to run beside the
+takeover of their task. A process that leaves the group (``setsid``, a daemon) escapes.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import pwd
 import signal
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,11 +68,39 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _OWN = frozenset(ShellParams.model_fields)
 
 
-def _die_with_worker() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # A pool process SIGKILLed (hard time limit, lost worker) cannot kill its command's
-    # process group; the kernel does, when the parent dies.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+#: The command group's watchdog: it reads its lifeline (a pipe whose only write end the
+#: worker process holds) and, at end of file, kills its whole process group, itself
+#: included. The worker closes the lifeline when it is done with the command; the kernel
+#: closes it when the worker process dies, even by SIGKILL.
+WATCHDOG = ("/bin/sh", "-c", "read -r _; kill -KILL 0")
+
+
+def _in_child(lifeline: int) -> Callable[[], None]:
+    """What the command's process does between fork and exec (after the switch of user)."""
+
+    def setup() -> None:  # pragma: no cover - runs in the child between fork and exec
+        # The command, when the process that started it dies (a parent-death signal set
+        # before the switch of user would be reset by it).
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        # Its children, which the kernel re-parents instead: a watchdog in the command's own
+        # session and group (so the group id stays its own while the watchdog lives), with
+        # an empty environment and nothing of the worker's memory (a new program).
+        with contextlib.suppress(OSError):
+            os.posix_spawn(
+                WATCHDOG[0],
+                WATCHDOG,
+                {},
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, lifeline, 0),
+                    (os.POSIX_SPAWN_CLOSE, lifeline),
+                    (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                    (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
+                ],
+            )
+        os.close(lifeline)
+
+    return setup
 
 
 @dataclass(frozen=True)
@@ -139,6 +172,7 @@ def shell(params: dict[str, Any], inputs: dict[str, Any], ctx: HandlerContext) -
     if user is not None:
         switch = {"user": user.uid, "group": user.gid, "extra_groups": []}
     cwd = p.cwd if p.cwd or user is None else tempfile.gettempdir()
+    lifeline, held = os.pipe()  # both ends not inheritable: the read end is passed on alone
     try:
         proc = subprocess.Popen(
             p.argv,
@@ -147,12 +181,13 @@ def shell(params: dict[str, Any], inputs: dict[str, Any], ctx: HandlerContext) -
             stderr=subprocess.PIPE,
             cwd=cwd,
             env=env,
-            start_new_session=True,
-            # Called after the switch of user: a parent-death signal set before it is reset.
-            preexec_fn=_die_with_worker,  # noqa: PLW1509 - only prctl, async-signal-safe
+            start_new_session=True,  # its own session and process group
+            pass_fds=(lifeline,),
+            preexec_fn=_in_child(lifeline),  # noqa: PLW1509 - prctl and posix_spawn only
             **switch,
         )
     except PermissionError as e:
+        os.close(held)
         # Refused before exec (Python 3.11 then names the cwd, or nothing), with EPERM: the
         # switch of user (chdir and exec refuse with EACCES).
         if user is not None and e.errno == errno.EPERM and e.filename in (None, cwd):
@@ -162,7 +197,10 @@ def shell(params: dict[str, Any], inputs: dict[str, Any], ctx: HandlerContext) -
             ) from None
         raise ParamsError(f"cannot start {p.argv[0]!r}: {e.strerror or e}") from None
     except OSError as e:
+        os.close(held)
         raise ParamsError(f"cannot start {p.argv[0]!r}: {e.strerror or e}") from None
+    finally:
+        os.close(lifeline)
     stdin: bytes | None = json.dumps(inputs).encode()
     limit = min(p.timeout or ctx.timeout, ctx.timeout)
     waited = 0.0
@@ -181,6 +219,8 @@ def shell(params: dict[str, Any], inputs: dict[str, Any], ctx: HandlerContext) -
     finally:
         if proc.poll() is None:
             _kill(proc)
+        # The watchdog kills what is left of the group: children the command left running.
+        os.close(held)
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
             if pipe is not None:  # a long-lived worker must not leak one fd per killed command
                 pipe.close()
