@@ -75,6 +75,13 @@ def _execution(task: TaskResult) -> float:
     return task.execution_seconds if task.execution_seconds is not None else _wall(task)
 
 
+def _junit_time(task: TaskResult) -> str:
+    """Execution time in JUnit's milliseconds: a task that ran never reads ``0.000``."""
+    seconds = _execution(task)
+    shown = round(seconds, 3)
+    return f"{0.001 if seconds > 0 and shown == 0 else shown:.3f}"
+
+
 def _time_cells(task: TaskResult) -> tuple[str, str]:
     """``(execution, wall)`` as a table shows them: blank before the task started."""
     if not task.started_at:
@@ -122,9 +129,8 @@ def to_junit(results: Sequence[RunResult]) -> str:
                 ET.SubElement(props, "property", name=name, value=_xml_text(value))
         counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
         for t in r.tasks:
-            case = ET.SubElement(
-                suite, "testcase", name=t.id, classname=f"{r.plan_id}.{r.variant}", time=f"{_execution(t):.3f}"
-            )
+            classname = f"{r.plan_id}.{r.variant}"
+            case = ET.SubElement(suite, "testcase", name=t.id, classname=classname, time=_junit_time(t))
             counts["tests"] += 1
             message, details = _problem(t)
             kind = {TaskStatus.ERROR: "error"}.get(t.status, "failure" if t.status in _FAILURES else "")
@@ -200,9 +206,7 @@ def to_html(results: Sequence[RunResult]) -> str:
     for r in results:
         started = [t for t in r.tasks if t.started_at]
         t0 = min((t.started_at for t in started if t.started_at), default=r.submitted_at)
-        end = max(
-            (t.started_at + timedelta(seconds=_wall(t)) for t in started if t.started_at), default=t0
-        )
+        end = max((t.started_at + timedelta(seconds=_wall(t)) for t in started if t.started_at), default=t0)
         span = max(1e-3, (end - t0).total_seconds())
         parts.append(f"<h2>{escape(summary_line(r))}</h2>")
         parts.append(

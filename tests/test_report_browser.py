@@ -43,7 +43,7 @@ window.addEventListener('load', () => {
     })),
   };
   const d = document.querySelector('td.msg details');
-  if (d) { d.open = true; out.expanded = d.textContent; out.expandedHeight = d.closest('tr').getBoundingClientRect().height; }
+  if (d) { d.open = true; out.expanded = d.textContent; }
   const pre = document.createElement('pre');
   pre.id = 'measured';
   pre.textContent = JSON.stringify(out);

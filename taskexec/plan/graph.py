@@ -37,7 +37,8 @@ def dependencies(nodes: list[Node], by_id: dict[str, int]) -> tuple[list[int], l
                 j = by_id.get(dep)
                 if j is None:
                     hint = closest(dep, by_id) if len(unknown) < 50 else ""
-                    unknown.append(PlanError(f"unknown task {dep!r}{hint}", path=f"{node.path}.depends_on[{k}]"))
+                    where = f"{node.path}.depends_on[{k}]"
+                    unknown.append(PlanError(f"unknown task {dep!r}{hint}", path=where))
                     continue
                 if leaf[j]:
                     grown.add(j)
@@ -129,7 +130,7 @@ def check_artifacts(nodes: list[Node], deps: list[list[int]], stage: list[int]) 
             other = nodes[producer[out]]
             errors.append(
                 PlanError(
-                f"artifact {out!r} is already the output of task {other.task.id!r} ({other.path})",
+                    f"artifact {out!r} is already the output of task {other.task.id!r} ({other.path})",
                     path=f"{node.path}.output",
                 )
             )

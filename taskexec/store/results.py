@@ -60,10 +60,10 @@ def _attempts(session: Session, run_id: str, task_id: str | None = None) -> dict
         logs = logs.where(ExecutionLog.task_id == task_id)
     for tid, attempt, value in session.execute(metrics):
         out.setdefault(tid, _Attempts()).handler[attempt] = value
-    for tid, attempt, to, at in session.execute(logs):
-        if tid is None:
+    for logged, attempt, to, at in session.execute(logs):
+        if logged is None:
             continue
-        a = out.setdefault(tid, _Attempts())
+        a = out.setdefault(logged, _Attempts())
         if to == TaskStatus.RUNNING.value:
             a.started[attempt] = at
         elif attempt in a.started and attempt not in a.ended:
@@ -94,7 +94,9 @@ def _times(row: Execution, attempts: _Attempts | None, now: datetime) -> tuple[f
     return round(execution, 6), round(wall, 6)
 
 
-def _task_result(row: Execution, attempts: _Attempts | None = None, now: datetime | None = None) -> TaskResult:
+def _task_result(
+    row: Execution, attempts: _Attempts | None = None, now: datetime | None = None
+) -> TaskResult:
     execution, wall = _times(row, attempts, now or utcnow())
     return TaskResult(
         id=row.task_id,
@@ -128,9 +130,8 @@ def run_result(session: Session, run_id: str) -> RunResult:
     rows = session.scalars(select(Execution).where(Execution.run_id == run_id)).all()
     attempts = _attempts(session, run_id)
     now = utcnow()
-    tasks = sorted(
-        (_task_result(r, attempts.get(r.task_id), now) for r in rows), key=lambda t: order.get(t.id, len(order))
-    )
+    found = (_task_result(r, attempts.get(r.task_id), now) for r in rows)
+    tasks = sorted(found, key=lambda t: order.get(t.id, len(order)))
     return RunResult(
         run_id=run.run_id,
         plan_id=run.plan_id,
