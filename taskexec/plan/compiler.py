@@ -30,9 +30,10 @@ from typing import Any
 
 from pydantic_core import to_json
 
-from taskexec.errors import PlanError
+from taskexec.errors import PlanError, TaskexecError
 from taskexec.models import MatrixInfo, RetryPolicy, RunManifest
 from taskexec.plan import graph
+from taskexec.plan.checks import ParamsChecker
 from taskexec.plan.gcpause import full_collections_held
 from taskexec.plan.loader import MAX_MANIFEST_BYTES
 from taskexec.plan.matrix import expand
@@ -116,6 +117,43 @@ def _check_size(
         )
 
 
+def _check_params(
+    nodes: list[Node],
+    leaves: list[int],
+    cases: dict[int, list[tuple[str, dict[str, Any]]]],
+    variants: dict[str, dict[str, Any]],
+) -> None:
+    """Every atomic task's params, as its manifests will hold them (the matrix case and the
+    variant merged over them), against its handler's params model; every error reported.
+
+    An error is named once per task and field (the first case or variant that has it).
+    """
+    checker = ParamsChecker()
+    errors: list[TaskexecError] = []
+    no_case: list[tuple[str, dict[str, Any]]] = [("", {})]
+    for n in leaves:
+        t = nodes[n].task
+        handler = t.handler or ""
+        if checker.model(handler) is None:
+            continue
+        named: set[tuple[str, str]] = set()
+        for cid, case in cases.get(n, no_case):
+            for name, overlay in variants.items():
+                for problem in checker.problems(handler, t.params, t.secret_params, case, overlay):
+                    if problem in named:
+                        continue
+                    named.add(problem)
+                    where, message = problem
+                    if problem not in checker.problems(handler, t.params, t.secret_params):
+                        by_case = case and problem in checker.problems(
+                            handler, t.params, t.secret_params, case
+                        )
+                        message += f" (matrix case {cid})" if by_case else f" (variant {name})"
+                    errors.append(PlanError(message, path=f"{nodes[n].path}.params{where}"))
+    if errors:
+        raise TaskexecError.gathered(errors)
+
+
 def compile_plan(
     plan: Plan, settings: Settings | None = None, *, variant: str | None = None
 ) -> list[RunManifest]:
@@ -179,6 +217,7 @@ def _compile(plan: Plan, settings: Settings, variants: dict[str, dict[str, Any]]
                 lower_bound=exp.lower_bound,
             )
         )
+    _check_params(nodes, leaves, cases, variants)
     names = [node.task.id for node in nodes]
     _check_size(nodes, leaves, deps, cases, variants)
     case_ids = {n: [cid for cid, _ in found] for n, found in cases.items()}
