@@ -34,7 +34,6 @@ from __future__ import annotations
 from taskexec.models import ErrorCode
 
 __all__ = [
-    "MAX_ERRORS",
     "AwaitApproval",
     "BrokerUnavailableError",
     "ConflictError",
