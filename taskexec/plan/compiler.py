@@ -131,10 +131,25 @@ def _check_params(
     checker = ParamsChecker()
     errors: list[TaskexecError] = []
     no_case: list[tuple[str, dict[str, Any]]] = [("", {})]
+    # Per handler: None (not checked), or whether a task that sets none of the params its
+    # model reads (in itself, a case or a variant) is fine: most tasks of a large plan,
+    # passed over here without a call (a stub's `{i: 7}`).
+    skip: dict[str, tuple[frozenset[str], bool] | None] = {}
     for n in leaves:
         t = nodes[n].task
         handler = t.handler or ""
-        if checker.model(handler) is None:
+        if handler not in skip:
+            m = checker.model(handler)
+            skip[handler] = None
+            if m is not None:
+                plain = m.keys is not None and not checker.problems(handler, {}, [])
+                plain = plain and all(m.keys.isdisjoint(overlay) for overlay in variants.values())
+                skip[handler] = (m.keys or frozenset(), plain)
+        found = skip[handler]
+        if found is None:
+            continue
+        keys, plain = found
+        if plain and n not in cases and not t.secret_params and keys.isdisjoint(t.params):
             continue
         named: set[tuple[str, str]] = set()
         for cid, case in cases.get(n, no_case):
@@ -144,10 +159,9 @@ def _check_params(
                         continue
                     named.add(problem)
                     where, message = problem
-                    if problem not in checker.problems(handler, t.params, t.secret_params):
-                        by_case = case and problem in checker.problems(
-                            handler, t.params, t.secret_params, case
-                        )
+                    own = t.params, t.secret_params
+                    if problem not in checker.problems(handler, *own):
+                        by_case = case and problem in checker.problems(handler, *own, case)
                         message += f" (matrix case {cid})" if by_case else f" (variant {name})"
                     errors.append(PlanError(message, path=f"{nodes[n].path}.params{where}"))
     if errors:
