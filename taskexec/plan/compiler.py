@@ -142,9 +142,10 @@ def _check_params(
             m = checker.model(handler)
             skip[handler] = None
             if m is not None:
+                keys = m.keys or frozenset()
                 plain = m.keys is not None and not checker.problems(handler, {}, [])
-                plain = plain and all(m.keys.isdisjoint(overlay) for overlay in variants.values())
-                skip[handler] = (m.keys or frozenset(), plain)
+                plain = plain and all(keys.isdisjoint(overlay) for overlay in variants.values())
+                skip[handler] = (keys, plain)
         found = skip[handler]
         if found is None:
             continue
