@@ -20,6 +20,7 @@ import pytest
 
 from taskexec import report
 from taskexec.models import ErrorCode, RunResult, RunStatistics, RunStatus, TaskResult, TaskStatus
+from tests.conftest import _unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +59,8 @@ def chromium() -> str:
         found = shutil.which(name)
         if found:
             return found
-    pytest.skip("no Chromium installed (Debian: apt-get install chromium)")
+    _unavailable("Chromium (Debian: apt-get install chromium)", FileNotFoundError("chromium"))
+    raise AssertionError("unreachable")
 
 
 def failed_run() -> RunResult:
