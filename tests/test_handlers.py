@@ -850,3 +850,31 @@ def test_http_uses_one_pooled_client_per_process_and_allowance() -> None:
     finally:
         netguard.close_clients()
     assert first.is_closed
+
+
+def test_the_http_handler_connects_to_the_checked_address_through_httpx(
+    server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS rebinding through the pooled client: the name is resolved once by the guard, and
+    httpx connects to the address it checked, never to the name again."""
+    port = int(server.rsplit(":", 1)[1])
+    real = socket.getaddrinfo
+    asked: list[str] = []
+    answers = {"inside.example": ["127.0.0.1"], "rebind.example": ["10.9.9.9", "127.0.0.1"]}
+
+    def fake(host: str, *args: Any, **kw: Any) -> Any:
+        asked.append(host)
+        if host in answers:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, args[0])) for ip in answers[host]]
+        return real(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    http = resolve("http", SETTINGS)
+    with pytest.raises(DestinationNotAllowedError, match=r"inside\.example at 127\.0\.0\.1, a loopback"):
+        http({"url": f"http://inside.example:{port}/200"}, {}, ctx())
+    assert _Recorder.seen == []
+    # Only 127.0.0.1 is allowed (by address): 10.9.9.9 is skipped, 127.0.0.1 reached.
+    out = http({"url": f"http://rebind.example:{port}/200"}, {}, ctx(settings=LOOPBACK))
+    assert out["status_code"] == 200 and len(_Recorder.seen) == 1
+    assert _Recorder.seen[0]["headers"]["Host"] == f"rebind.example:{port}"
+    assert asked.count("rebind.example") == 1, "resolved once, by the guard"
