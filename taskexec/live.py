@@ -3,7 +3,8 @@
 The view shows, per run, a progress bar per stage with counts by status, the running
 tasks with their elapsed time, and the latest failures; retries and failures are also
 printed above it as they happen, and a summary table ends it. Not on a terminal, nothing
-is drawn: :func:`follow` just waits.
+is drawn: :func:`follow` waits, and hands each change to ``on_change`` as one line of
+plain text (:func:`transitions`), if given: what ``taskexec watch`` prints to a pipe.
 
 Fed by run events (Redis pub/sub, ``taskexec:run:<id>``): an event wakes the loop, which
 then reads the store, so a missed event costs nothing but a later refresh. Without Redis
@@ -31,6 +32,7 @@ from rich.table import Table
 from rich.text import Text
 
 from taskexec import report
+from taskexec.errors import TaskexecError
 from taskexec.models import FlowState, RunResult, RunStatus, TaskStatus
 from taskexec.run.events import channel
 from taskexec.store import repository as repo
@@ -38,7 +40,7 @@ from taskexec.store import repository as repo
 if TYPE_CHECKING:
     from taskexec.client import Client
 
-__all__ = ["changes", "follow", "render"]
+__all__ = ["changes", "follow", "render", "transitions"]
 
 #: Active tasks listed under a run's bars; the rest are counted.
 MAX_ACTIVE_SHOWN = 10
@@ -132,6 +134,40 @@ def changes(before: RunResult | None, after: RunResult) -> list[Text]:
     return out
 
 
+def transitions(before: RunResult | None, after: RunResult) -> list[str]:
+    """Plain lines for what changed in a run between two reads, one per task that moved.
+
+    The first read of a run that goes on is its summary line and a line per task in hand
+    (running, retrying, waiting for approval); a run's end is left to the caller (``watch``
+    prints the final summary line).
+
+    Example:
+        >>> transitions(before, after)  # doctest: +SKIP
+        ['t1 succeeded', 't2 running', 'gate waiting_approval: Ship it? (taskexec approve RUN gate)']
+    """
+    if before is None and after.status.terminal:
+        return []
+    prev = {t.id: t for t in before.tasks} if before is not None else None
+    out: list[str] = [] if before is not None else [report.summary_line(after)]
+    for t in after.tasks:
+        if prev is None:
+            if t.status not in _IN_HAND:
+                continue
+        elif (p := prev.get(t.id)) is not None and (p.status, p.attempts) == (t.status, t.attempts):
+            continue
+        line = f"{t.id} {t.status.value}"
+        if t.attempts > 1:
+            line += f" (attempt {t.attempts})"
+        if t.status is TaskStatus.WAITING_APPROVAL:
+            ask = (t.output or {}).get("approval") or {}
+            line += f": {ask.get('message', '')} (taskexec approve {after.run_id} {t.id})"
+        elif t.status is TaskStatus.RETRYING or t.status.failure:
+            code = f"{t.error_code} " if t.error_code and t.status.failure else ""
+            line += f": {code}{t.error_message or ''}"
+        out.append(line.rstrip(": ")[:300])
+    return out
+
+
 def follow(
     client: Client,
     run_ids: Sequence[str],
@@ -140,16 +176,20 @@ def follow(
     timeout: float | None = None,
     check: Callable[[], None] | None = None,
     console: Console | None = None,
+    on_change: Callable[[str], None] | None = None,
+    tables: bool = True,
 ) -> list[RunResult]:
     """Wait for runs to end (or ``timeout`` seconds); on a terminal, show them live.
 
     ``check`` is called on every refresh and may raise to stop following (an embedded
-    fleet whose worker died). Returns the runs' results as they are at the end.
+    fleet whose worker died). Not on a terminal, ``on_change`` gets a line per change as it
+    is seen. On a terminal, a summary table per run ends the view unless ``tables`` is
+    false. Returns the runs' results as they are at the end.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     pubsub = _subscribe(client, run_ids)
     try:
-        if not interactive:
+        if not interactive and on_change is None:
             while not _all_ended(client, run_ids):
                 if check is not None:
                     check()
@@ -157,6 +197,20 @@ def follow(
                     break
                 _wait_for_event(pubsub, _left(deadline))
             return [client.status(r) for r in run_ids]
+        if not interactive:
+            assert on_change is not None
+            seen: dict[str, RunResult] = {}
+            while True:
+                if check is not None:
+                    check()
+                results = [client.status(r) for r in run_ids]
+                for r in results:
+                    for text in transitions(seen.get(r.run_id), r):
+                        on_change(text)
+                    seen[r.run_id] = r
+                if all(r.status.terminal for r in results) or _past(deadline):
+                    return results
+                _wait_for_event(pubsub, _left(deadline))
         console = console or Console()
         shown: dict[str, RunResult] = {}
         with Live(console=console, refresh_per_second=4, transient=True) as view:
@@ -176,8 +230,9 @@ def follow(
         if pubsub is not None:
             with contextlib.suppress(redis.RedisError, OSError):
                 pubsub.close()
-    for r in results:
-        report.render_table(r, console)
+    if tables:
+        for r in results:
+            report.render_table(r, console)
     return results
 
 
@@ -187,7 +242,7 @@ def _flow(client: Client, result: RunResult) -> FlowState | None:
         return None
     try:
         flow = client.flow(result.run_id)
-    except (redis.RedisError, OSError):
+    except (redis.RedisError, OSError, TaskexecError):  # no Redis (any more): the store's view
         return None
     return flow if flow.limits or flow.concurrency else None
 
@@ -224,7 +279,7 @@ def _subscribe(client: Client, run_ids: Sequence[str]) -> redis.client.PubSub | 
         pubsub: redis.client.PubSub = r.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(*[channel(x) for x in run_ids])
         return pubsub
-    except (redis.RedisError, OSError, ValueError):
+    except (redis.RedisError, OSError, ValueError, TaskexecError):
         return None
 
 

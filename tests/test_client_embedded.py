@@ -55,9 +55,8 @@ def stored_run(client: Client, doc: dict[str, object]) -> str:
 
 
 def test_a_client_without_a_broker_says_what_to_set(tmp_path: Path) -> None:
-    with Client(settings_for(tmp_path)) as client:
-        with pytest.raises(BrokerUnavailableError) as caught:
-            client.submit(manifest_of(GATED))
+    with Client(settings_for(tmp_path)) as client, pytest.raises(BrokerUnavailableError) as caught:
+        client.submit(manifest_of(GATED))
     assert str(caught.value).startswith("E013 TASKEXEC_BROKER_URL: ")
     assert "Client.from_env()" in str(caught.value)
 

@@ -468,3 +468,156 @@ def test_attach_with_the_default_relative_home_gives_an_absolute_socket(
         assert client.connection_pool.connection_kwargs["path"] == str(sock.resolve())
     finally:
         client.close()
+
+
+# ------------------------------------------------------------- issue 15
+
+
+def gate_plan(home: Path) -> Path:
+    """A quick task, an approval gate after it, a task after the gate."""
+    doc = {
+        "id": "gate",
+        "tasks": [
+            {"id": "build", "handler": "stub"},
+            {
+                "id": "go-live",
+                "handler": "approval",
+                "params": {"message": "Ship it?"},
+                "depends_on": ["build"],
+            },
+            {"id": "after", "handler": "stub", "depends_on": ["go-live"]},
+        ],
+    }
+    home.parent.mkdir(parents=True, exist_ok=True)
+    return write_plan(home, doc)
+
+
+def default_home_env(cwd: Path) -> dict[str, str]:
+    """An environment with no TASKEXEC_HOME: the default, ``.taskexec`` under ``cwd``."""
+    env = env_for(cwd / ".taskexec")
+    del env["TASKEXEC_HOME"]
+    return env
+
+
+def in_dir(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*TASKEXEC, *args],
+        check=False,
+        env=default_home_env(cwd),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=LIMIT,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.integration
+def test_the_default_home_is_controlled_from_another_terminal(home: Path) -> None:
+    """Issue 15, defects 1 and 13: approve and cancel with the default (relative) home."""
+    cwd = home.parent
+    home = cwd / ".taskexec"
+    plan = gate_plan(home)
+    proc = subprocess.Popen(
+        [*TASKEXEC, "run", str(plan), "--json"],
+        env=default_home_env(cwd),
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: waiting_gate(home) is not None, timeout=LIMIT, what="the gate waiting")
+        run_id = waiting_gate(home)
+        assert run_id is not None
+        shown = in_dir(cwd, "status", run_id)
+        assert "go-live waits for approval: Ship it?" in shown.stdout, shown.stdout
+        p = in_dir(cwd, "approve", run_id, "go-live", "--by", "ana")
+        assert p.returncode == 0 and p.stdout.strip() == f"{run_id} go-live: approved (succeeded)", p
+        assert p.stderr == ""
+        out, err = proc.communicate(timeout=LIMIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert [t["status"] for t in json.loads(out)[0]["tasks"]] == ["succeeded"] * 3
+
+    # A run that goes on until cancelled: `cancel` says `cancelling` until it ends.
+    proc = subprocess.Popen(
+        [*TASKEXEC, "run", str(write_plan(home, long_plan(home)))],
+        env=default_home_env(cwd),
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: running_tasks(home) == 2, timeout=LIMIT, what="both tasks to run")
+        runs = json.loads(in_dir(cwd, "runs", "--json").stdout)
+        long_id = next(r["run_id"] for r in runs if r["plan_id"] == "long")
+        p = in_dir(cwd, "cancel", long_id)
+        assert p.returncode == 0 and p.stdout.strip() == f"{long_id}: cancelling", p
+        assert p.stderr == ""
+        p = in_dir(cwd, "cancel", long_id, "--wait")
+        assert p.returncode == 0 and p.stdout.strip() == f"{long_id}: cancelled", p
+        assert p.stderr == ""
+        out, err = proc.communicate(timeout=LIMIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1 and "cancelled" in out, (out, err)
+    assert_nothing_left(home)
+
+
+def stored(home: Path, run_id: str) -> dict[str, Any]:
+    p = taskexec(home, "status", run_id, "--json")
+    assert "Traceback" not in p.stderr, p.stderr
+    return dict(json.loads(p.stdout))
+
+
+@pytest.mark.integration
+def test_run_timeout_stops_an_embedded_run_timed_out(home: Path) -> None:
+    """Issue 15, defect 6: `run --timeout` ends the run `timed_out`, printed as stored."""
+    p = taskexec(home, "run", str(gate_plan(home)), "--timeout", "3")
+    assert p.returncode == 1, (p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr
+    [line] = p.stdout.strip().splitlines()
+    run_id = line.split()[1].rstrip(":")
+    assert line.startswith(f"gate/default {run_id}: timed_out"), line
+    result = stored(home, run_id)
+    assert result["status"] == "timed_out"
+    left = [t for t in result["tasks"] if t["status"] != "succeeded"]
+    assert left and all(t["status"] == "cancelled" and t["error_code"] == "E004" for t in left), left
+    assert {t["id"] for t in left} >= {"go-live", "after"}
+    assert_nothing_left(home)
+
+
+@pytest.mark.integration
+def test_ctrl_c_cancels_an_embedded_run_waiting_at_a_gate(home: Path) -> None:
+    """Issue 15, defect 6: Ctrl-C ends the run `cancelled`, its gate closed, printed as stored."""
+    proc = start(home, "run", str(gate_plan(home)))
+    try:
+        wait_for(lambda: waiting_gate(home) is not None, timeout=LIMIT, what="the gate waiting")
+        run_id = waiting_gate(home)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=LIMIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith(f"run {run_id} cancelled"), err
+    result = stored(home, str(run_id))
+    assert result["status"] == "cancelled"
+    tasks = {t["id"]: (t["status"], t["error_code"]) for t in result["tasks"]}
+    assert tasks == {
+        "build": ("succeeded", None),
+        "go-live": ("cancelled", "E004"),
+        "after": ("cancelled", "E004"),
+    }
+    assert_nothing_left(home)

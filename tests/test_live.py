@@ -273,7 +273,10 @@ def test_watch_follows_a_run_in_progress_through_its_events(
             events_redis.close()
         out, err = watcher.communicate(timeout=LIMIT)
     assert watcher.returncode == 0, err
-    assert out.strip().startswith(f"chain/default {run_id}: succeeded, 3/3 succeeded")
+    # Piped: a line per change as it happens (issue 15), then the result's summary line.
+    lines = out.strip().splitlines()
+    assert lines[-1].startswith(f"chain/default {run_id}: succeeded, 3/3 succeeded"), out
+    assert "t3 running" in lines and "t3 succeeded" in lines, out
     assert "\x1b[" not in out
     seen = {(e["task_id"], e["status"]) for e in events}
     # Every state change of the last task, and the run's end, reached the channel.
@@ -330,3 +333,86 @@ def test_the_view_shows_rate_limits_and_slots() -> None:
     text = console.export_text()
     assert "rate limit llm: 0.0/10 tokens, 7 waiting (6.5 reserved; 120/min, global)" in text
     assert "concurrency: 2/3 slots held" in text
+
+
+# ------------------------------------------------------------------ issue 15
+
+
+@pytest.mark.integration
+def test_watch_piped_prints_each_change_as_it_happens(home: Path) -> None:
+    """Issue 15, defect 2: a line per change while the run goes on, not all at its end.
+
+    The run waits at an approval gate: the lines up to the gate come while it cannot end.
+    """
+    doc = {
+        "id": "gated",
+        "tasks": [
+            {"id": "build", "handler": "stub"},
+            {"id": "gate", "handler": "approval", "params": {"message": "Ship it?"}, "depends_on": ["build"]},
+            {"id": "after", "handler": "stub", "depends_on": ["gate"]},
+        ],
+    }
+    plan = home.parent / "gated.yaml"
+    plan.write_text(yaml.safe_dump(doc))
+    proc = subprocess.Popen(
+        [*TASKEXEC, "run", str(plan), "--json"],
+        env=env_for(home),
+        cwd=home.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    watcher: subprocess.Popen[str] | None = None
+    try:
+        wait_for(lambda: runs_in(home), timeout=60, what="the run to be submitted")
+        run_id = runs_in(home)[0]
+        watcher = subprocess.Popen(
+            [*TASKEXEC, "watch", run_id],
+            env=env_for(home),
+            cwd=home.parent,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
+        assert watcher.stdout is not None
+        seen: list[str] = []
+        while not any(line.startswith("gate waiting_approval") for line in seen):
+            line = watcher.stdout.readline()
+            assert line, f"watch ended before the gate: {seen}"
+            seen.append(line.strip())
+        assert seen[-1] == f"gate waiting_approval: Ship it? (taskexec approve {run_id} gate)"
+        p = taskexec(home, "approve", run_id, "gate")
+        assert p.returncode == 0, p.stderr
+        rest, err = watcher.communicate(timeout=LIMIT)
+        assert watcher.returncode == 0, err
+        _, run_err = proc.communicate(timeout=LIMIT)
+    finally:
+        for p_ in (watcher, proc):
+            if p_ is not None and p_.poll() is None:
+                p_.kill()
+                p_.communicate()
+    assert proc.returncode == 0, run_err
+    lines = seen + rest.strip().splitlines()
+    assert lines[0].startswith(f"gated/default {run_id}: ")  # where it stood when watch began
+    assert "gate succeeded" in lines and "after succeeded" in lines
+    assert lines.index("gate succeeded") < lines.index("after succeeded")
+    assert lines[-1].startswith(f"gated/default {run_id}: succeeded, 3/3 succeeded")
+    assert "\x1b[" not in rest
+    assert_nothing_left(home)
+
+
+@pytest.mark.integration
+def test_watch_on_a_terminal_follows_an_embedded_run(
+    home: Path, long_run: tuple[subprocess.Popen[str], str]
+) -> None:
+    """Issue 15, defect 2: `watch` on a terminal crashed on a run in progress (no broker URL)."""
+    proc, run_id = long_run
+    code, out = run_in_pty([*TASKEXEC, "watch", run_id], terminal_env(home), home.parent)
+    assert "Traceback" not in out and "ValueError" not in out, out[-3000:]
+    assert code == 0, out[-2000:]
+    assert "\x1b[?25l" in out and "stage 0" in out  # the live view was drawn
+    assert "succeeded" in out and "t3" in out  # then the table
+    proc.communicate(timeout=LIMIT)
+    assert_nothing_left(home)

@@ -21,6 +21,7 @@ from taskexec.cli.common import (
     user_errors,
 )
 from taskexec.cli.common import labels as labels_of
+from taskexec.errors import InvalidInputError
 from taskexec.models import RunManifest, RunResult, RunStatus, TaskStatus
 from taskexec.settings import Settings
 
@@ -39,7 +40,13 @@ __all__ = ["cancel", "results", "resume", "run", "runs_", "status", "submit", "w
 @click.option("--variant", default=None, help="Run only this variant.")
 @click.option("--tenant", default=None, help="Tenant to record with the runs.")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label the runs (repeatable).")
-@click.option("--timeout", type=float, default=None, help="Stop waiting after this many seconds.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=None,
+    help="Stop after this many seconds: embedded, the runs are stopped and end timed_out (exit 1); "
+    "on a fleet, stop waiting (the runs go on).",
+)
 @click.option(
     "--junit",
     type=click.Path(dir_okay=False, writable=True),
@@ -58,8 +65,10 @@ def run(
 ) -> None:
     """Submit every variant of PLAN and wait for the runs (embedded mode without a broker).
 
-    Ctrl-C or SIGTERM stops waiting: in embedded mode the runs are cancelled and the
-    local worker and Redis stopped; on a fleet the runs go on. Exit status 128 + signal.
+    Exit status 0 when every run succeeded, 1 when one ended otherwise (failed, cancelled,
+    timed_out) or had not ended by --timeout. Ctrl-C or SIGTERM stops waiting: in embedded
+    mode the runs are cancelled (their tasks left end cancelled, E004) and the local worker
+    and Redis stopped; on a fleet the runs go on. Exit status 128 + signal.
     """
     import signal
     import time
@@ -91,14 +100,19 @@ def run(
                     label_map,
                     as_json,
                     timeout,
-                    junit,
                     run_ids=fleet.runs,
                     check=fleet.check,
+                    stop_after=fleet.stop_grace,
                 )
                 fleet.timings["execution"] = time.monotonic() - t0
         except KeyboardInterrupt as e:
             ended = ", ".join(f"run {r} {s.value}" for r, s in fleet.settled.items()) or "no run submitted"
             interrupted(e, f"stopped the embedded worker and Redis; {ended}")
+        if not all(r.status.terminal for r in results):
+            # Not ended even once stopped: the fleet settled them as it stopped (``error``).
+            # What is printed is what is stored.
+            with make_client(fleet.settings) as reader:
+                results = [reader.status(r.run_id) for r in results]
         ctx = click.get_current_context(silent=True)
         if ctx is not None and ctx.find_root().params.get("debug"):
             phases = ("startup", "redis", "store", "execution", "shutdown", "worker_stop")
@@ -111,7 +125,7 @@ def run(
         run_ids: list[str] = []
         try:
             results = _run_and_wait(
-                make_client(settings), found, tenant, label_map, as_json, timeout, junit, run_ids=run_ids
+                make_client(settings), found, tenant, label_map, as_json, timeout, run_ids=run_ids
             )
         except KeyboardInterrupt as e:
             if not run_ids:
@@ -119,6 +133,7 @@ def run(
             interrupted(
                 e, f"stopped waiting; the fleet goes on with {' '.join(run_ids)} (taskexec watch RUN)"
             )
+    _print_results(results, as_json=as_json, junit=junit)
     sys.exit(exit_for(results))
 
 
@@ -129,25 +144,47 @@ def _run_and_wait(
     labels: dict[str, str],
     as_json: bool,
     timeout: float | None,
-    junit: str | None = None,
     *,
     run_ids: list[str],
     check: Callable[[], None] | None = None,
+    stop_after: float | None = None,
 ) -> list[RunResult]:
-    """Submit, follow the runs to their end (live on a terminal), print and return the results.
+    """Submit, follow the runs to their end (live on a terminal) and return the results.
 
     ``run_ids`` receives each run's id as soon as it is submitted (an embedded fleet settles
-    them if it has to stop early); ``check`` raises when the fleet running them died.
+    them if it has to stop early); ``check`` raises when the fleet running them died. With
+    ``stop_after`` (embedded mode), runs that have not ended after ``timeout`` seconds are
+    stopped (they end ``timed_out``) and followed that much longer to their end.
     """
-    from pathlib import Path
-
     from taskexec import live
+    from taskexec.run import producer
 
     with client:
         for manifest in found:
             run_ids.append(client.submit_all([manifest], tenant=tenant, labels=labels)[0].run_id)
         interactive = not as_json and sys.stdout.isatty()
-        results = live.follow(client, list(run_ids), interactive=interactive, timeout=timeout, check=check)
+        results = live.follow(
+            client, list(run_ids), interactive=interactive, timeout=timeout, check=check, tables=False
+        )
+        if stop_after is not None and not all(r.status.terminal for r in results):
+            for r in results:
+                if not r.status.terminal:
+                    producer.cancel(client.services, r.run_id, reason="timeout")
+            results = live.follow(
+                client, list(run_ids), interactive=interactive, timeout=stop_after, check=check, tables=False
+            )
+    return results
+
+
+def _print_results(results: list[RunResult], *, as_json: bool, junit: str | None) -> None:
+    """The runs' results: JSON, a table each on a terminal, else a summary line each; JUnit XML."""
+    from pathlib import Path
+
+    interactive = not as_json and sys.stdout.isatty()
+    if interactive:
+        console = Console()
+        for r in results:
+            report.render_table(r, console)
     if junit:
         Path(junit).write_text(report.to_junit(results), encoding="utf-8")
     if as_json:
@@ -155,7 +192,6 @@ def _run_and_wait(
     elif not interactive:
         for r in results:
             click.echo(report.summary_line(r))
-    return results
 
 
 @click.command()
@@ -252,15 +288,22 @@ def results(run_id: str, fmt: str) -> None:
 @click.option("--timeout", type=float, default=None, help="Stop watching after this many seconds.")
 @user_errors
 def watch(run_id: str, timeout: float | None) -> None:
-    """Show a run's progress live until it ends."""
+    """Show a run's progress live until it ends; piped, a line per change, then the result."""
     from taskexec import live
 
-    client = make_client()
-    client.status(run_id)  # RunNotFoundError early
+    settings = Settings()
+    if settings.embedded:  # the `taskexec run` in progress under home, if there is one
+        from taskexec.embedded import attach
+
+        settings = attach(settings) or settings
+    client = make_client(settings)
     interactive = sys.stdout.isatty()
     try:
         with client:
-            [result] = live.follow(client, [run_id], interactive=interactive, timeout=timeout)
+            client.status(run_id)  # RunNotFoundError early
+            [result] = live.follow(
+                client, [run_id], interactive=interactive, timeout=timeout, on_change=click.echo
+            )
     except KeyboardInterrupt:
         click.echo(f"taskexec: stopped watching {run_id}; the run goes on", err=True)
         sys.exit(130)
@@ -271,11 +314,30 @@ def watch(run_id: str, timeout: float | None) -> None:
 
 @click.command()
 @click.argument("run_id", metavar="RUN")
+@click.option("--wait", "wait_", is_flag=True, help="Wait for the run to end, then print its final status.")
 @user_errors
-def cancel(run_id: str) -> None:
-    """Cancel a run: queued tasks never run, running ones are told to stop."""
-    with make_client(fleet_or_embedded("cancel")) as client:
-        click.echo(f"{run_id}: {client.cancel(run_id).value}")
+def cancel(run_id: str, wait_: bool) -> None:
+    """Cancel a run: queued tasks never run, running ones are told to stop.
+
+    Prints ``RUN: cancelling`` while running tasks stop (the run ends ``cancelled`` when the
+    last one has), or, with --wait, the run's final status once it has ended.
+    """
+    try:
+        settings = fleet_or_embedded("cancel")
+    except InvalidInputError:
+        # No fleet and no embedded run in progress: fine for a run that has ended already
+        # (its `taskexec run` has exited since), as cancelling an ended run says its status.
+        with make_client() as reader:
+            ended = reader.status(run_id).status
+        if not ended.terminal:
+            raise
+        click.echo(f"{run_id}: {ended.value}")
+        return
+    with make_client(settings) as client:
+        status = client.cancel(run_id)
+        if wait_ and not status.terminal:
+            status = client.wait(run_id).status
+    click.echo(f"{run_id}: {status.value if status.terminal else 'cancelling'}")
 
 
 @click.command()

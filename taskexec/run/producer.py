@@ -64,20 +64,21 @@ def submit(
     return run_id
 
 
-def cancel(svc: Services, run_id: str) -> RunStatus:
+def cancel(svc: Services, run_id: str, *, reason: str = "cancelled") -> RunStatus:
     """Cancel a run: a durable flag, waiting work cancelled and revoked, running handlers told.
 
-    The run ends ``cancelled`` as soon as no task of it is running (at once when none is).
-    Returns the run's status after the call.
+    The run ends ``cancelled`` as soon as no task of it is running (at once when none is);
+    with ``reason="timeout"`` (an embedded ``taskexec run --timeout``) it ends ``timed_out``,
+    as a plan's ``stop.timeout`` ends it. Returns the run's status after the call.
     """
     with svc.store.begin() as s:
         run = repo.get_run(s, run_id)
         if RunStatus(run.status).terminal:
             return RunStatus(run.status)
-        repo.set_stop_reason(s, run_id, "cancelled", overwrite=True)
+        repo.set_stop_reason(s, run_id, reason, overwrite=True)
         statuses = repo.task_statuses(s, run_id)
         in_queue = [t for t, st in statuses.items() if st in (_T.QUEUED, _T.RETRYING)]
-        changes = stop_waiting(s, run_id, "cancelled")
+        changes = stop_waiting(s, run_id, reason)
         epoch = run.epoch
     if svc.redis is not None:
         # Without Redis, handlers learn it from the store at their next step.
