@@ -7,34 +7,26 @@ test plays the broker's part by calling the step a message would start.
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import event, func, select, update
 
-import workers.tasks
-from taskexec import RunStatus, Settings, TaskStatus, compile_plan, parse_plan
+from taskexec import RunStatus, TaskStatus
 from taskexec.errors import BrokerUnavailableError
-from taskexec.models import ErrorCode, ManifestTask, RunManifest
-from taskexec.run import messages, producer
+from taskexec.models import ErrorCode
+from taskexec.run import producer
 from taskexec.run import reconcile as reconciler
 from taskexec.run.dispatch import dispatch, release, resend
 from taskexec.run.lifecycle import abandon, finalize, stage_settled
 from taskexec.run.messages import message_id
-from taskexec.services import Services
-from taskexec.store import Store
 from taskexec.store import repository as repo
-from taskexec.store.manifests import compiled_run
-from taskexec.store.tables import Execution, ExecutionLog, Run, utcnow
+from taskexec.store.tables import Run, utcnow
 from tests import standin
-from tests.standin import StandinApp
-from workers import runner
-from workers.attempt import Attempt, Outcome
-from workers.runtime import Runtime
+from tests.standin import Harness
+from workers.attempt import Attempt
 
 _T = TaskStatus
 check_broker = producer.check_broker  # the real one (the fixture stands it in)
@@ -47,93 +39,10 @@ tasks:
 """
 
 
-def manifest(text: str, settings: Settings) -> RunManifest:
-    """The one manifest of a plan (YAML, indented as it reads best)."""
-    [m] = compile_plan(parse_plan(textwrap.dedent(text)), settings)
-    return m
-
-
-@dataclass
-class Harness:
-    """A store, a recording app and one worker's runtime, in this process."""
-
-    svc: Services
-    app: StandinApp
-    rt: Runtime
-
-    def submit(self, plan: str) -> str:
-        return producer.submit(self.svc, manifest(plan, self.svc.settings))
-
-    def started(self, plan: str) -> str:
-        """A run submitted, its first stage dispatched (as a control worker would)."""
-        run_id = self.submit(plan)
-        dispatch(self.svc, run_id, 0)
-        return run_id
-
-    def tasks(self, run_id: str) -> dict[str, Execution]:
-        with self.svc.store.begin() as s:
-            rows = s.scalars(select(Execution).where(Execution.run_id == run_id)).all()
-        return {r.task_id: r for r in rows}
-
-    def claim(self, run_id: str, task_id: str, worker: str = "standin:1", lease: float = 30) -> int | None:
-        """Claim a task's next attempt for ``worker``, leased for ``lease`` s (< 0: already out)."""
-        with self.svc.store.begin() as s:
-            until = utcnow() + timedelta(seconds=lease)
-            return repo.claim_attempt(s, run_id, task_id, worker, lease_until=until)
-
-    def task(self, run_id: str, task_id: str) -> ManifestTask:
-        with self.svc.store.begin() as s:
-            return compiled_run(s, run_id).tasks[task_id]
-
-    def statuses(self, run_id: str) -> dict[str, TaskStatus]:
-        return {t: _T(r.status) for t, r in self.tasks(run_id).items()}
-
-    def run(self, run_id: str) -> Run:
-        with self.svc.store.begin() as s:
-            return repo.get_run(s, run_id)
-
-    def log_rows(self, run_id: str) -> int:
-        with self.svc.store.begin() as s:
-            count = s.scalar(
-                select(func.count()).select_from(ExecutionLog).where(ExecutionLog.run_id == run_id)
-            )
-        return int(count or 0)
-
-    def execute(self, run_id: str, task_id: str, *, detached: bool = False) -> Outcome:
-        """One delivery of ``taskexec.execute`` to this worker."""
-        return runner.execute(self.rt, run_id, task_id, detached=detached)
-
-    def advance(self, run_id: str, stage: int) -> None:
-        """The chord body of stage ``stage - 1`` (``taskexec.advance``), run here."""
-        workers.tasks.advance(run_id, stage)
-
-    def executed(self, run_id: str) -> list[str]:
-        """Task ids of the ``execute`` messages sent for a run, in order."""
-        return [m.args[1] for m in self.app.named("taskexec.execute") if m.args[0] == run_id]
-
-
 @pytest.fixture
 def harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    settings = Settings(
-        database_url=url, home=tmp_path, allowed_handlers=["stub", "python:tests"], outcome_wait_seconds=0
-    )
-    store = Store(url)
-    store.create_all()
-    app = StandinApp()
-    svc = Services(settings, app, store, None)
-    rt = Runtime(svc, worker="standin:1")
-    # Submit pings Redis first; there is none here (a test below keeps the real check).
-    monkeypatch.setattr(producer, "check_broker", lambda redis: None)
-    # publish() asks the broker's Redis for its identity: the stand-in answers.
-    monkeypatch.setattr(messages, "broker_instance", lambda app_: app_.broker_instance())
-    monkeypatch.setattr(reconciler, "broker_instance", lambda app_: app_.broker_instance())
-    monkeypatch.setattr(workers.tasks, "runtime", lambda: rt)
-    try:
-        yield Harness(svc, app, rt)
-    finally:
-        app.close()
-        store.close()
+    with standin.harness(tmp_path, monkeypatch, ["stub", "python:tests"]) as h:
+        yield h
 
 
 # ---------------------------------------------------------------- 1. submit

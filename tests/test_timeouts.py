@@ -8,38 +8,15 @@ from pathlib import Path
 
 import pytest
 
-import workers.tasks
-from taskexec import Settings
 from taskexec.models import ErrorCode
-from taskexec.run import messages, producer
-from taskexec.run import reconcile as reconciler
-from taskexec.services import Services
-from taskexec.store import Store
-from tests.standin import StandinApp
-from tests.test_lifecycle import Harness
-from workers.runtime import Runtime
+from tests import standin
+from tests.standin import Harness
 
 
 @pytest.fixture
 def harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    settings = Settings(
-        database_url=url, home=tmp_path, allowed_handlers=["stub", "shell"], outcome_wait_seconds=0
-    )
-    store = Store(url)
-    store.create_all()
-    app = StandinApp()
-    svc = Services(settings, app, store, None)
-    rt = Runtime(svc, worker="standin:1")
-    monkeypatch.setattr(producer, "check_broker", lambda redis: None)
-    monkeypatch.setattr(messages, "broker_instance", lambda app_: app_.broker_instance())
-    monkeypatch.setattr(reconciler, "broker_instance", lambda app_: app_.broker_instance())
-    monkeypatch.setattr(workers.tasks, "runtime", lambda: rt)
-    try:
-        yield Harness(svc, app, rt)
-    finally:
-        app.close()
-        store.close()
+    with standin.harness(tmp_path, monkeypatch, ["stub", "shell"]) as h:
+        yield h
 
 
 def test_a_shell_params_timeout_is_timed_out_e002_and_retried_like_a_task_timeout(harness: Harness) -> None:
