@@ -141,3 +141,37 @@ def test_the_readme_python_api_runs_as_printed(home: Path) -> None:  # noqa: F81
     assert "Traceback" not in p.stderr
     assert p.stdout.splitlines()[0] == "succeeded 12", p.stdout
     assert_nothing_left(home)
+
+
+def test_a_stopped_run_left_with_a_gate_ends_cancelled_not_error(tmp_path: Path) -> None:
+    """Issue 15, defect 6: a gate that opened after the cancel (its attempt ran meanwhile)
+    is closed when the embedded fleet stops: the run ends as its stop says, not ``error``."""
+    from taskexec.embedded.settle import abandon_unfinished
+
+    settings = settings_for(tmp_path).model_copy(
+        update={
+            "broker_url": f"redis+socket://{tmp_path}/gone.sock",
+            "database_url": f"sqlite:///{tmp_path / 'home' / 'taskexec.db'}",
+        }
+    )
+    with Client(settings_for(tmp_path)) as client:
+        cancelled, timed_out = stored_run(client, GATED), stored_run(client, GATED)
+        with client.store.begin() as s:
+            for run_id, reason in ((cancelled, "cancelled"), (timed_out, "timeout")):
+                s.execute(
+                    update(Execution)
+                    .where(Execution.run_id == run_id, Execution.task_id == "go-live")
+                    .values(status="waiting_approval", output={"approval": {"message": "Ship it?"}})
+                )
+                s.execute(
+                    update(Execution)
+                    .where(Execution.run_id == run_id, Execution.task_id == "build")
+                    .values(status="succeeded")
+                )
+                repo.set_stop_reason(s, run_id, reason, overwrite=True)
+    settled = abandon_unfinished(settings, [cancelled, timed_out], "interrupted by SIGINT")
+    assert settled == {cancelled: RunStatus.CANCELLED, timed_out: RunStatus.TIMED_OUT}
+    with Client(settings_for(tmp_path)) as client:
+        for run_id in (cancelled, timed_out):
+            gate = next(t for t in client.status(run_id).tasks if t.id == "go-live")
+            assert (gate.status.value, gate.error_code) == ("cancelled", "E004")

@@ -76,7 +76,8 @@ class EmbeddedFleet:
 
     Runs appended to :attr:`runs` are the fleet's to settle: when the fleet stops before
     one of them has ended, it is cancelled first and, if it still has not ended once the
-    worker is gone, it ends ``error`` in the store. :attr:`settled` then holds every such
+    worker is gone, it ends ``error`` in the store (``cancelled`` or ``timed_out``, as its
+    stop says, when only waiting work was left: a gate, a queued task). :attr:`settled` then holds every such
     run's final status. :attr:`timings` holds seconds spent in each phase of start and stop.
     """
 
