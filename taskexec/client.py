@@ -17,8 +17,8 @@ from __future__ import annotations
 import getpass
 import socket
 import time
-from types import TracebackType
 from dataclasses import dataclass
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import redis
