@@ -268,3 +268,34 @@ def test_any_model_with_exclusions_and_required_cases(
     assert exp.pairs_total == exp.pairs_covered
     assert exp.lower_bound <= len(exp.cases) == exp.cases_needed
     assert expand(spec) == exp  # deterministic
+
+
+@settings(max_examples=25, deadline=None)
+@given(models())
+def test_thorough_search_keeps_exclusions_required_cases_and_determinism(
+    model: tuple[Params, list[Entry], list[Entry], int],
+) -> None:
+    # Thorough effort weighs several uncovered tuples a step and deletes rows with random
+    # ties: the same guarantees as the other efforts, and the same suite every time.
+    params, exclude, include, t = model
+    allowed = allowed_product(params, exclude)
+    if not allowed or not all(any(matches(c, e) for c in allowed) for e in include):
+        return
+    spec = MatrixSpec(params=params, exclude=exclude, include=include, strength=t, effort="thorough")
+    exp = expand(spec)
+    check(params, exclude, include, t, exp.cases)
+    assert exp.pairs_total == exp.pairs_covered
+    assert len(exp.cases) <= len(expand(spec.model_copy(update={"effort": "fast"})).cases)
+    assert expand(spec) == exp
+
+
+def test_thorough_search_shrinks_a_constrained_uniform_model() -> None:
+    params = uniform([4] * 8)
+    exclude = [{"p0": "p0.0", "p1": "p1.1"}, {"p2": "p2.3", "p5": "p5.2"}]
+    include = [{"p3": "p3.2", "p4": "p4.0"}]
+    spec = MatrixSpec(params=params, exclude=exclude, include=include, effort="thorough")
+    exp = expand(spec)
+    check(params, exclude, include, 2, exp.cases)
+    assert len(exp.cases) <= len(expand(spec.model_copy(update={"effort": "balanced"})).cases)
+    assert len(exp.cases) <= 23  # as measured when thorough began to weigh several tuples a step
+    assert expand(spec) == exp

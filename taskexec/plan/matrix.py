@@ -86,6 +86,8 @@ class _Effort:
     shrink: tuple[int, int]  # the post-optimiser's budget: per tuple, cap (about 8 M a second here)
     attempt: tuple[int, int]  # its work on one deletion before it tries another row: per tuple, cap
     tries: int  # candidate rows the greedy builder weighs for each row
+    targets: int = 1  # uncovered tuples a step of the post-optimiser weighs moves for
+    spread: bool = False  # the post-optimiser breaks ties between rows to delete at random
 
     def budget(self, tuples: int) -> tuple[int, int]:
         """The post-optimiser's budget and attempt for a model of ``tuples`` tuples."""
@@ -96,7 +98,12 @@ _EFFORTS: dict[str, _Effort] = {
     "fast": _Effort(allpairs=2_000_000, shrink=(20, 500_000), attempt=(10, 200_000), tries=1),
     "balanced": _Effort(allpairs=6_000_000, shrink=(400, 4_000_000), attempt=(150, 1_500_000), tries=1),
     "thorough": _Effort(
-        allpairs=12_000_000, shrink=(30_000, 200_000_000), attempt=(2_000, 12_000_000), tries=2
+        allpairs=12_000_000,
+        shrink=(30_000, 200_000_000),
+        attempt=(8_000, 48_000_000),
+        tries=2,
+        targets=5,
+        spread=True,
     ),
 }
 
@@ -301,7 +308,9 @@ def _pairwise(spec: MatrixSpec, space: _Space) -> Expansion:
     # The most reachable tuples over any t parameters: each needs its own case.
     floor = max(suite.need[b:e].count(1) for b, e in itertools.pairwise([*tuples.base, tuples.total]))
     # Required cases were added first and are never deleted, so they lead, in their order.
-    ordered = shrink(suite, *effort.budget(tuples.total), floor, rng)
+    ordered = shrink(
+        suite, *effort.budget(tuples.total), floor, rng, targets=effort.targets, spread=effort.spread
+    )
     total, held = verify(tuples, cons, ordered)
     if held != total:
         raise AssertionError(f"coverage {held}/{total}: a bug in taskexec.plan.matrix")
