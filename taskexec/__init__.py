@@ -28,6 +28,7 @@ from taskexec.errors import (
     TaskexecError,
     TaskFailed,
     Throttled,
+    WaitTimeoutError,
     WorkerLostError,
 )
 from taskexec.handlers import HandlerContext, handler, validator
@@ -101,6 +102,7 @@ __all__ = [
     "ServiceUnavailableError",
     "TaskFailed",
     "TaskexecError",
+    "WaitTimeoutError",
     "WorkerLostError",
     # control signals (raised by handlers, not failures)
     "AwaitApproval",

@@ -27,3 +27,9 @@ def test_the_task_model_for_plans_built_in_code_is_exported() -> None:
     """Issue 15: ``taskexec.Plan(tasks=[taskexec.PlanTask(...)])`` builds a plan in code."""
     assert "PlanTask" in taskexec.__all__
     assert taskexec.PlanTask is taskexec.plan.PlanTask
+
+
+def test_the_error_a_wait_raises_is_exported() -> None:
+    assert taskexec.WaitTimeoutError.__module__ == "taskexec.errors"
+    assert issubclass(taskexec.WaitTimeoutError, taskexec.TaskexecError)
+    assert issubclass(taskexec.WaitTimeoutError, TimeoutError)
