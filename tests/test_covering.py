@@ -289,6 +289,8 @@ def test_thorough_search_keeps_exclusions_required_cases_and_determinism(
     assert expand(spec) == exp
 
 
+@pytest.mark.integration  # a thorough search, 14 s: the full suite's tier
+@pytest.mark.slow
 def test_thorough_search_shrinks_a_constrained_uniform_model() -> None:
     params = uniform([4] * 8)
     exclude = [{"p0": "p0.0", "p1": "p1.1"}, {"p2": "p2.3", "p5": "p5.2"}]
