@@ -25,7 +25,13 @@ import redis
 from celery import Celery
 
 from taskexec.celery_app import close_app, create_app, redis_url
-from taskexec.errors import BrokerUnavailableError, HandlerNotAllowedError, PlanError, WaitTimeoutError
+from taskexec.errors import (
+    BrokerUnavailableError,
+    HandlerNotAllowedError,
+    PlanError,
+    RunNotFoundError,
+    WaitTimeoutError,
+)
 from taskexec.models import (
     FlowState,
     LimitState,
@@ -308,10 +314,39 @@ class Client:
         result = handle.wait(timeout=timeout * task.retry.max_attempts + 60)
         return result.tasks[0]
 
-    def status(self, run_id: str) -> RunResult:
-        """A run with its task results, as stored now."""
+    def resolve_run(self, run_id: str) -> str:
+        """The full id of a run given by its id or a unique prefix of at least 6 characters.
+
+        Every method here taking a ``run_id`` accepts such a prefix too.
+
+        Example:
+            >>> client.resolve_run("3f9a2b")  # doctest: +SKIP
+            '3f9a2b1c4d5e4f60a7b8c9d0e1f2a3b4'
+
+        Raises:
+            RunNotFoundError: No run has that id or prefix (E001).
+            InvalidInputError: Several runs start with the prefix (E001, naming a few).
+        """
         with self.store.begin() as s:
-            return results.run_result(s, run_id)
+            return repo.resolve_run_id(s, run_id)
+
+    def last_run(self, plan_id: str | None = None) -> str:
+        """The id of the newest run (of the plan ``plan_id``, if given).
+
+        Raises:
+            RunNotFoundError: There is no run (of that plan) in the store (E001).
+        """
+        with self.store.begin() as s:
+            found = repo.latest_run_id(s, plan_id)
+        if found is None:
+            of = f" of plan {plan_id!r}" if plan_id is not None else ""
+            raise RunNotFoundError(f"no run{of} in the store", path="--last")
+        return found
+
+    def status(self, run_id: str) -> RunResult:
+        """A run with its task results, as stored now (``run_id`` or a unique prefix)."""
+        with self.store.begin() as s:
+            return results.run_result(s, repo.resolve_run_id(s, run_id))
 
     def flow(self, run_id: str) -> FlowState:
         """A run's rate limits (tokens available, tasks waiting) and concurrency slots, now.
@@ -322,7 +357,8 @@ class Client:
             llm 3.5 12
         """
         with self.store.begin() as s:
-            run = repo.get_run(s, run_id)
+            run = repo.get_run(s, repo.resolve_run_id(s, run_id))
+            run_id = run.run_id
             manifest = repo.load_manifest(run)
             tenant = run.tenant
         limiter = RateLimiter(self.redis)
@@ -357,6 +393,7 @@ class Client:
             WorkerLostError: This client's embedded fleet died meanwhile (E011).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        run_id = self.resolve_run(run_id)
         while True:
             with self.store.begin() as s:
                 status = RunStatus(repo.get_run(s, run_id).status)
@@ -377,7 +414,7 @@ class Client:
 
     def cancel(self, run_id: str) -> RunStatus:
         """Cancel a run; it ends ``cancelled`` once no task of it runs any more."""
-        return producer.cancel(self.services, run_id)
+        return producer.cancel(self.services, self.resolve_run(run_id))
 
     def approve(
         self,
@@ -398,6 +435,7 @@ class Client:
             ConflictError: The task is not waiting for approval (any longer).
         """
         who = by or f"{getpass.getuser()}@{socket.gethostname()}"
+        run_id = self.resolve_run(run_id)
         return producer.decide(self.services, run_id, task_id, approve=not reject, by=who, reason=reason)
 
     def retry(self, run_id: str, tasks: list[str] | None = None) -> list[str]:
@@ -409,11 +447,11 @@ class Client:
             >>> client.retry(run_id)  # doctest: +SKIP
             ['deploy', 'smoke-test']
         """
-        return producer.retry_run(self.services, run_id, tasks)
+        return producer.retry_run(self.services, self.resolve_run(run_id), tasks)
 
     def resume(self, run_id: str) -> int:
         """Re-dispatch the unfinished part of a run from the store; tasks re-queued."""
-        return producer.resume(self.services, run_id)
+        return producer.resume(self.services, self.resolve_run(run_id))
 
     def runs(
         self,

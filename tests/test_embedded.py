@@ -369,7 +369,15 @@ def test_the_examples_run() -> None:
         # Plans whose shell steps name examples/*.py run from the repository root.
         ([*TASKEXEC, "run", "examples/llm-regression.yaml", "--junit", str(junit)], ROOT),
         ([*TASKEXEC, "run", "examples/data-pipeline.yaml", "--json"], ROOT),
-        ([sys.executable, str(ROOT / "examples" / "producer.py")], homes[2].parent),
+        (
+            [
+                sys.executable,
+                str(ROOT / "examples" / "producer.py"),
+                "--junit",
+                str(homes[2].parent / "p.xml"),
+            ],
+            homes[2].parent,
+        ),
     ]
     try:
         procs = [
@@ -392,7 +400,8 @@ def test_the_examples_run() -> None:
         [pipeline] = json.loads(outs[1][0])
         publish = next(t for t in pipeline["tasks"] if t["id"] == "publish")
         assert json.loads(publish["output"]["stdout"])["top_region"] in {"north", "south", "east", "west"}
-        assert "quickstart/default" in outs[2][0] and (homes[2].parent / "producer-junit.xml").exists()
+        assert "quickstart/default" in outs[2][0] and (homes[2].parent / "p.xml").exists()
+        assert not (homes[2].parent / "producer-junit.xml").exists()  # only where asked
         for h in homes:
             assert_nothing_left(h)
     finally:

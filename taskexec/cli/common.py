@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import wraps
 from typing import TYPE_CHECKING, NoReturn, ParamSpec, TypeVar
 
@@ -31,12 +32,14 @@ __all__ = [
     "EXIT_INVALID",
     "EXIT_OK",
     "EXIT_UNAVAILABLE",
+    "RunRef",
     "exit_for",
     "fleet_or_embedded",
     "labels",
     "make_client",
     "manifests",
     "needs_fleet",
+    "run_argument",
     "user_errors",
 ]
 
@@ -132,3 +135,59 @@ def labels(pairs: tuple[str, ...]) -> dict[str, str]:
             raise InvalidInputError(f"a label is KEY=VALUE, not {p!r}", path="--label")
         out[key] = value
     return out
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """What a command's ``RUN`` stands for: a run id or a unique prefix of it, or ``--last``
+    (the newest run, of ``--plan``'s plan if given)."""
+
+    text: str | None
+    last: bool = False
+    plan: str | None = None
+
+    def resolve(self, client: Client) -> str:
+        """The full run id, looked up in ``client``'s store.
+
+        Raises:
+            InvalidInputError: Neither RUN nor --last, or both, or --plan without --last;
+                an ambiguous prefix.
+            RunNotFoundError: No such run (or no run at all for --last).
+        """
+        if self.last and self.text is not None:
+            raise InvalidInputError(f"give RUN ({self.text!r}) or --last, not both", path="--last")
+        if self.plan is not None and not self.last:
+            raise InvalidInputError("--plan picks the newest run of a plan with --last", path="--plan")
+        if self.last:
+            return client.last_run(_plan_id(self.plan) if self.plan is not None else None)
+        if self.text is None:
+            raise InvalidInputError("missing RUN: a run id, a unique prefix of one, or --last", path="RUN")
+        return client.resolve_run(self.text)
+
+
+def _plan_id(plan: str) -> str:
+    """A plan id, or the id of the plan in the file ``plan`` names."""
+    from pathlib import Path
+
+    if Path(plan).is_file():
+        return load_plan(plan).plan_id
+    return plan
+
+
+def run_argument(fn: Callable[..., R]) -> Callable[..., R]:
+    """A command's ``RUN`` argument with ``--last`` and ``--plan``: the command receives
+    ``run`` (a :class:`RunRef`) in their place."""
+
+    @wraps(fn)
+    def wrapper(*args: object, run_id: str | None, last: bool, last_plan: str | None, **kwargs: object) -> R:
+        return fn(*args, run=RunRef(run_id, last, last_plan), **kwargs)
+
+    wrapper = click.option(
+        "--plan",
+        "last_plan",
+        default=None,
+        metavar="PLAN",
+        help="With --last: the newest run of this plan (its id, or its plan file).",
+    )(wrapper)
+    wrapper = click.option("--last", is_flag=True, help="The newest run instead of RUN.")(wrapper)
+    return click.argument("run_id", metavar="RUN", required=False)(wrapper)

@@ -43,9 +43,11 @@ def validate(plan: str) -> None:
 @click.argument("plan", type=click.Path(dir_okay=True))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifests as a JSON list.")
 @click.option("--variant", default=None, help="Compile only this variant.")
+@click.option("--brief", is_flag=True, help="At most 8 tasks of a stage, then how many more: `… (+N)`.")
 @user_errors
-def compile_(plan: str, as_json: bool, variant: str | None) -> None:
-    """Compile PLAN into run manifests, one per variant."""
+def compile_(plan: str, as_json: bool, variant: str | None, brief: bool) -> None:
+    """Compile PLAN into run manifests, one per variant: every task of every stage (--brief:
+    the first 8 of a stage), or the manifests as JSON."""
     found = manifests(plan, Settings(), variant)
     if as_json:
         # Byte-identical for the same plan: key order follows the models.
@@ -54,10 +56,36 @@ def compile_(plan: str, as_json: bool, variant: str | None) -> None:
     for m in found:
         click.echo(f"{m.plan_id} / {m.variant}: {len(m.tasks)} tasks in {len(m.stages)} stages")
         for k, stage in enumerate(m.stages):
-            shown = ", ".join(stage[:8]) + (f", … (+{len(stage) - 8})" if len(stage) > 8 else "")
-            click.echo(f"  stage {k}: {shown}")
+            if brief:
+                shown = ", ".join(stage[:BRIEF]) + (
+                    f", … (+{len(stage) - BRIEF})" if len(stage) > BRIEF else ""
+                )
+                click.echo(f"  stage {k}: {shown}")
+            else:
+                click.echo(_stage_lines(k, stage))
         for mx in m.matrices:
             click.echo(f"  matrix {mx.task}: {_matrix_line(mx)}")
+
+
+#: Tasks of a stage ``compile --brief`` shows.
+BRIEF = 8
+#: Width the full listing wraps at.
+WIDTH = 80
+
+
+def _stage_lines(k: int, stage: list[str]) -> str:
+    """``  stage K: a, b, c`` with every task, wrapped at :data:`WIDTH` columns under the first."""
+    head = f"  stage {k}: "
+    lines, line = [], head
+    for i, task in enumerate(stage):
+        word = task + ("," if i < len(stage) - 1 else "")
+        if line != head and len(line) + 1 + len(word) > WIDTH:
+            lines.append(line)
+            line = " " * len(head) + word
+        else:
+            line += ("" if line == head else " ") + word
+    lines.append(line)
+    return "\n".join(lines)
 
 
 def _matrix_line(mx: MatrixInfo) -> str:

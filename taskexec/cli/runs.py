@@ -13,11 +13,13 @@ from taskexec import report
 from taskexec.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
+    RunRef,
     exit_for,
     fleet_or_embedded,
     make_client,
     manifests,
     needs_fleet,
+    run_argument,
     user_errors,
 )
 from taskexec.cli.common import labels as labels_of
@@ -64,6 +66,9 @@ def run(
     junit: str | None,
 ) -> None:
     """Submit every variant of PLAN and wait for the runs (embedded mode without a broker).
+
+    Without --json, each run's id is printed as it is submitted (the first line), then the
+    live view on a terminal, and the results.
 
     Exit status 0 when every run succeeded, 1 when one ended otherwise (failed, cancelled,
     timed_out) or had not ended by --timeout. Ctrl-C or SIGTERM stops waiting: in embedded
@@ -162,6 +167,8 @@ def _run_and_wait(
     with client:
         for manifest in found:
             run_ids.append(client.submit_all([manifest], tenant=tenant, labels=labels)[0].run_id)
+            if not as_json:  # the id first, on a terminal and piped: `taskexec status PREFIX`
+                click.echo(f"{run_ids[-1]}  {manifest.plan_id}/{manifest.variant}: submitted")
         interactive = not as_json and sys.stdout.isatty()
         results = live.follow(
             client, list(run_ids), interactive=interactive, timeout=timeout, check=check, tables=False
@@ -210,12 +217,14 @@ def submit(plan: str, variant: str | None, tenant: str | None, labels: tuple[str
 
 
 @click.command()
-@click.argument("run_id", metavar="RUN")
+@run_argument
 @click.option("--json", "as_json", is_flag=True, help="Print the run result as JSON.")
 @user_errors
-def status(run_id: str, as_json: bool) -> None:
-    """Show one run's result; exit 1 when it ended without success."""
+def status(run: RunRef, as_json: bool) -> None:
+    """Show one run's result (RUN: its id, a unique prefix of 6+ characters, or --last);
+    exit 1 when it ended without success."""
     client = make_client()
+    run_id = run.resolve(client)
     result = client.status(run_id)
     if as_json:
         click.echo(report.to_json(result))
@@ -259,7 +268,7 @@ def _print_flow(client: Client, run_id: str) -> None:
 
 
 @click.command()
-@click.argument("run_id", metavar="RUN")
+@run_argument
 @click.option(
     "--format",
     "fmt",
@@ -269,9 +278,10 @@ def _print_flow(client: Client, run_id: str) -> None:
     help="Output format: JSON, JUnit XML (for CI), a table, or an HTML timeline page.",
 )
 @user_errors
-def results(run_id: str, fmt: str) -> None:
+def results(run: RunRef, fmt: str) -> None:
     """Print a run's task results as JSON, JUnit XML, a table or an HTML timeline."""
-    result = make_client().status(run_id)
+    client = make_client()
+    result = client.status(run.resolve(client))
     if fmt == "json":
         click.echo(report.to_json(result))
     elif fmt == "junit":
@@ -284,10 +294,10 @@ def results(run_id: str, fmt: str) -> None:
 
 
 @click.command()
-@click.argument("run_id", metavar="RUN")
+@run_argument
 @click.option("--timeout", type=float, default=None, help="Stop watching after this many seconds.")
 @user_errors
-def watch(run_id: str, timeout: float | None) -> None:
+def watch(run: RunRef, timeout: float | None) -> None:
     """Show a run's progress live until it ends; piped, a line per change, then the result."""
     from taskexec import live
 
@@ -298,9 +308,10 @@ def watch(run_id: str, timeout: float | None) -> None:
         settings = attach(settings) or settings
     client = make_client(settings)
     interactive = sys.stdout.isatty()
+    run_id = run.text or "the run"
     try:
         with client:
-            client.status(run_id)  # RunNotFoundError early
+            run_id = run.resolve(client)  # RunNotFoundError early
             [result] = live.follow(
                 client, [run_id], interactive=interactive, timeout=timeout, on_change=click.echo
             )
@@ -313,10 +324,10 @@ def watch(run_id: str, timeout: float | None) -> None:
 
 
 @click.command()
-@click.argument("run_id", metavar="RUN")
+@run_argument
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the run to end, then print its final status.")
 @user_errors
-def cancel(run_id: str, wait_: bool) -> None:
+def cancel(run: RunRef, wait_: bool) -> None:
     """Cancel a run: queued tasks never run, running ones are told to stop.
 
     Prints ``RUN: cancelling`` while running tasks stop (the run ends ``cancelled`` when the
@@ -328,12 +339,14 @@ def cancel(run_id: str, wait_: bool) -> None:
         # No fleet and no embedded run in progress: fine for a run that has ended already
         # (its `taskexec run` has exited since), as cancelling an ended run says its status.
         with make_client() as reader:
+            run_id = run.resolve(reader)
             ended = reader.status(run_id).status
         if not ended.terminal:
             raise
         click.echo(f"{run_id}: {ended.value}")
         return
     with make_client(settings) as client:
+        run_id = run.resolve(client)
         status = client.cancel(run_id)
         if wait_ and not status.terminal:
             status = client.wait(run_id).status
@@ -341,9 +354,9 @@ def cancel(run_id: str, wait_: bool) -> None:
 
 
 @click.command()
-@click.argument("run_id", metavar="RUN")
+@run_argument
 @user_errors
-def resume(run_id: str) -> None:
+def resume(run: RunRef) -> None:
     """Send again every task of RUN with a message on its way or a worker on it.
 
     Safe while the run goes on: a task running under a live lease is waited for, never run
@@ -352,6 +365,7 @@ def resume(run_id: str) -> None:
     settings = Settings()
     needs_fleet(settings, "resume")
     with make_client(settings) as client:
+        run_id = run.resolve(client)
         n = client.resume(run_id)
         status = client.status(run_id).status if not n else None
     if n:

@@ -12,19 +12,28 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
-from taskexec.errors import RunNotFoundError
+from taskexec.errors import InvalidInputError, RunNotFoundError
 from taskexec.models import RUN_TRANSITIONS, Change, RunManifest, RunStatus, TaskStatus
 from taskexec.store.repository._tables import RUNS
 from taskexec.store.tables import Execution, ExecutionLog, Run, utcnow
 
+#: The shortest prefix of a run id that ``resolve_run_id`` looks up.
+MIN_PREFIX = 6
+#: How many candidates an ambiguous prefix names.
+CANDIDATES = 5
+
 __all__ = [
+    "CANDIDATES",
+    "MIN_PREFIX",
     "add_run",
     "bump_epoch",
     "claim_stage",
     "get_run",
+    "latest_run_id",
     "load_manifest",
     "log_line",
     "record_incident",
+    "resolve_run_id",
     "runs_in_flight",
     "set_broker_instance",
     "set_run_status",
@@ -105,6 +114,45 @@ def get_run(session: Session, run_id: str, *, for_update: bool = False) -> Run:
     if run is None:
         raise RunNotFoundError(f"no run {run_id!r} in the store", path="RUN")
     return run
+
+
+def resolve_run_id(session: Session, ref: str) -> str:
+    """The run id ``ref`` stands for: the id itself, or a unique prefix of at least
+    :data:`MIN_PREFIX` characters, looked up in one query on the primary key's index.
+
+    Raises:
+        RunNotFoundError: No run has that id or prefix (or the prefix is too short).
+        InvalidInputError: Several runs start with the prefix (E001, naming a few).
+    """
+    exact = RUNS.c.run_id == ref
+    if len(ref) >= MIN_PREFIX:
+        # A range the primary key's btree answers in any collation (the ids are hex: every
+        # character after the prefix sorts before "z"); substr() keeps exactly the prefix.
+        prefixed = (
+            (RUNS.c.run_id >= ref)
+            & (RUNS.c.run_id < ref + "z")
+            & (func.substr(RUNS.c.run_id, 1, len(ref)) == ref)
+        )
+        stmt = select(RUNS.c.run_id).where(exact | prefixed).order_by(RUNS.c.run_id).limit(CANDIDATES + 1)
+    else:
+        stmt = select(RUNS.c.run_id).where(exact)
+    found = list(session.scalars(stmt))
+    if ref in found or len(found) == 1:
+        return ref if ref in found else found[0]
+    if not found:
+        short = f" (a run id prefix has at least {MIN_PREFIX} characters)" if len(ref) < MIN_PREFIX else ""
+        raise RunNotFoundError(f"no run {ref!r} in the store{short}", path="RUN")
+    named = ", ".join(found[:CANDIDATES]) + (", …" if len(found) > CANDIDATES else "")
+    raise InvalidInputError(f"run id prefix {ref!r} is ambiguous: {named} (give more characters)", path="RUN")
+
+
+def latest_run_id(session: Session, plan_id: str | None = None) -> str | None:
+    """The newest run's id (of ``plan_id`` if given), by submission time; ``None`` if none."""
+    stmt = select(RUNS.c.run_id).order_by(RUNS.c.submitted_at.desc(), RUNS.c.run_id.desc()).limit(1)
+    if plan_id is not None:
+        stmt = stmt.where(RUNS.c.plan_id == plan_id)
+    found: str | None = session.scalar(stmt)
+    return found
 
 
 def stop_reason(session: Session, run_id: str) -> str | None:
