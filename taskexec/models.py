@@ -115,6 +115,10 @@ class Notify(_Frozen):
     events: list[NotifyEvent] = Field(default_factory=_run_finished, min_length=1)
 
 
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
 class ManifestTask(_Frozen):
     """One atomic task of a run manifest, with its resolved policy."""
 
@@ -132,6 +136,11 @@ class ManifestTask(_Frozen):
     validate_: list[Criterion] = Field(default_factory=list, alias="validate")
     secret_params: list[str] = Field(default_factory=list)
     source: str = Field("", description="where the task stands in the plan, e.g. tasks[1].tasks[0]")
+    case: dict[str, Any] | None = Field(
+        None,
+        exclude_if=_is_none,
+        description="a matrix case's values (merged into params too); left out of the JSON without a matrix",
+    )
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, serialize_by_alias=True)
 
@@ -194,6 +203,9 @@ class TaskResult(_Frozen):
     status: TaskStatus
     attempts: int = 0
     throttled: int = Field(0, description="times the task waited for a rate-limit token or a slot")
+    case: dict[str, Any] | None = Field(
+        None, description="the matrix case's values (parameter name to value); None outside a matrix"
+    )
     error_code: ErrorCode | None = None
     error_message: str | None = None
     output: Any = None

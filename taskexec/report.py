@@ -10,9 +10,16 @@ The HTML timeline is one self-contained page.
 Times: a task's *execution* time sums its attempts; its *wall* time runs from its first
 start to its end (retries and their backoff included), or to now while it runs or waits.
 
+A matrix case is named by its values wherever a task is shown (:func:`task_label`): the
+table and the HTML timeline after the task id, JUnit in the ``<testcase>`` name and as one
+suite ``<property>`` per value (the Jenkins schema allows properties on suites only), and
+the JSON as the task's ``case``.
+
 Example:
     >>> print(summary_line(result))  # doctest: +SKIP
     quickstart/default 3f2a…: succeeded, 13/13 succeeded, 2 retries, 4.1 s
+    >>> task_label(TaskResult(id="answer[0]", status="succeeded", case={"model": "gpt-4o", "lang": "en"}))
+    'answer[0] model=gpt-4o lang=en'
 """
 
 from __future__ import annotations
@@ -22,13 +29,26 @@ import re
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from datetime import UTC, timedelta
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from taskexec.models import RunResult, RunStatus, TaskResult, TaskStatus
 
-__all__ = ["STATUS_STYLE", "render_table", "summary_line", "to_html", "to_json", "to_junit"]
+__all__ = [
+    "STATUS_STYLE",
+    "SUMMARY_WIDTH",
+    "case_label",
+    "render_table",
+    "summary_line",
+    "summary_lines",
+    "task_label",
+    "to_html",
+    "to_json",
+    "to_junit",
+]
 
 #: Colour of each status in terminal output.
 STATUS_STYLE = {
@@ -50,6 +70,48 @@ STATUS_STYLE = {
 _FAILURES = (TaskStatus.FAILED, TaskStatus.VALIDATION_FAILED, TaskStatus.TIMED_OUT)
 #: Characters XML 1.0 cannot carry (a shell command's ANSI colours, say): shown escaped.
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+#: Characters of one case value in a label, and of a label's values together (cut with …).
+CASE_VALUE_CHARS = 24
+CASE_LABEL_CHARS = 60
+#: Characters of a case value in a JUnit property (the full value, within reason).
+_PROPERTY_CHARS = 2_000
+#: Columns the summary of a run fits in (:func:`summary_lines`).
+SUMMARY_WIDTH = 80
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: max(0, limit - 1)] + "…"
+
+
+def _value_text(value: Any) -> str:
+    """A case value, compact: a plain string as is, anything else (or a string with spaces,
+    quotes or ``=``, or an empty one) as compact JSON."""
+    if isinstance(value, str) and value and not any(c.isspace() or c in "\"'=" for c in value):
+        return value
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def case_label(case: dict[str, Any] | None) -> str:
+    """A matrix case's values as ``name=value`` words, short (``model=gpt-4o lang=en``).
+
+    Each value is cut at :data:`CASE_VALUE_CHARS` and the whole at :data:`CASE_LABEL_CHARS`,
+    with an ellipsis; ``""`` outside a matrix.
+
+    >>> case_label({"model": "gpt-4o", "temperature": 0.2, "prompt": "say hi"})
+    'model=gpt-4o temperature=0.2 prompt="say hi"'
+    """
+    if not case:
+        return ""
+    words = " ".join(f"{name}={_cut(_value_text(v), CASE_VALUE_CHARS)}" for name, v in case.items())
+    return _cut(words, CASE_LABEL_CHARS)
+
+
+def task_label(task: TaskResult) -> str:
+    """A task's id, followed by its matrix case's values: ``answer[0] model=gpt-4o lang=en``."""
+    label = case_label(task.case)
+    return f"{task.id} {label}" if label else task.id
 
 
 def to_json(results: RunResult | Sequence[RunResult]) -> str:
@@ -127,10 +189,17 @@ def to_junit(results: Sequence[RunResult]) -> str:
         ):
             if value:
                 ET.SubElement(props, "property", name=name, value=_xml_text(value))
+        # The Jenkins schema has no properties on a testcase: a case's values are the suite's,
+        # one property each, named after the task (`answer[0].model`).
+        for t in r.tasks:
+            for key, value in (t.case or {}).items():
+                text = _cut(_value_text(value) if not isinstance(value, str) else value, _PROPERTY_CHARS)
+                ET.SubElement(props, "property", name=_xml_text(f"{t.id}.{key}"), value=_xml_text(text))
         counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
         for t in r.tasks:
             classname = f"{r.plan_id}.{r.variant}"
-            case = ET.SubElement(suite, "testcase", name=t.id, classname=classname, time=_junit_time(t))
+            name = _xml_text(task_label(t))
+            case = ET.SubElement(suite, "testcase", name=name, classname=classname, time=_junit_time(t))
             counts["tests"] += 1
             message, details = _problem(t)
             kind = {TaskStatus.ERROR: "error"}.get(t.status, "failure" if t.status in _FAILURES else "")
@@ -187,6 +256,7 @@ td.msg summary{display:block;overflow:hidden;text-overflow:ellipsis;white-space:
 td.msg summary::-webkit-details-marker{display:none}
 td.msg details[open] summary{color:#222}
 td.msg details div{white-space:pre-wrap;word-break:break-word;padding:2px 0 4px;max-width:32em}
+.case{color:#666;margin-left:.5em}
 .legend span{display:inline-block;margin-right:1em}
 .legend i{display:inline-block;width:.9em;height:.9em;margin-right:.3em;vertical-align:-1px}
 """
@@ -222,7 +292,7 @@ def to_html(results: Sequence[RunResult]) -> str:
                 width = _wall(t) / span * 100
                 colour = _HTML_COLOUR.get(t.status.value, "#e0b03a")
                 tip = (
-                    f"{t.id}: {t.status.value}, {_execution(t):.3f} s executing, "
+                    f"{task_label(t)}: {t.status.value}, {_execution(t):.3f} s executing, "
                     f"{_wall(t):.3f} s wall, attempt {t.attempts}"
                 )
                 bar = (
@@ -231,13 +301,25 @@ def to_html(results: Sequence[RunResult]) -> str:
                 )
             execution, wall = _time_cells(t)
             parts.append(
-                f"<tr class='task'><td>{escape(t.id)}</td><td>{t.stage}</td><td>{escape(t.status.value)}</td>"
-                f"<td>{t.attempts}</td><td>{execution}</td><td>{wall}</td><td class='bar'>{bar}</td>"
+                f"<tr class='task'><td>{escape(t.id)}{_html_case(t)}</td><td>{t.stage}</td>"
+                f"<td>{escape(t.status.value)}</td><td>{t.attempts}</td><td>{execution}</td><td>{wall}</td>"
+                f"<td class='bar'>{bar}</td>"
                 f"<td class='msg'>{_html_message(t)}</td></tr>"
             )
         parts.append("</table>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _html_case(t: TaskResult) -> str:
+    """A matrix case's label after the task id; its full values on hover."""
+    from html import escape
+
+    label = case_label(t.case)
+    if not label:
+        return ""
+    full = json.dumps(t.case, ensure_ascii=False, default=str)[:20_000]
+    return f"<span class='case' title='{escape(full, quote=True)}'>{escape(label)}</span>"
 
 
 def _html_message(t: TaskResult) -> str:
@@ -251,8 +333,8 @@ def _html_message(t: TaskResult) -> str:
     return f"<details><summary title='{full}'>{escape(message[:300])}</summary><div>{full}</div></details>"
 
 
-def summary_line(result: RunResult) -> str:
-    """``plan/variant run: status, n/total succeeded, retries, duration``."""
+def _summary_parts(result: RunResult) -> list[str]:
+    """The summary's parts after ``plan/variant run: status``: counts, retries, duration."""
     s = result.statistics
     parts = [f"{s.succeeded}/{s.total} succeeded"]
     for name in ("failed", "validation_failed", "timed_out", "error", "skipped", "cancelled"):
@@ -263,7 +345,40 @@ def summary_line(result: RunResult) -> str:
         parts.append(f"{s.retries} retries")
     if s.duration_seconds is not None:
         parts.append(f"{s.duration_seconds:.1f} s")
+    return parts
+
+
+def summary_line(result: RunResult) -> str:
+    """``plan/variant run: status, n/total succeeded, retries, duration``."""
+    parts = _summary_parts(result)
     return f"{result.plan_id}/{result.variant} {result.run_id}: {result.status.value}, " + ", ".join(parts)
+
+
+def summary_lines(result: RunResult, width: int = SUMMARY_WIDTH) -> list[str]:
+    """:func:`summary_line` in lines of at most ``width`` columns, for a terminal.
+
+    The same words: the first line starts ``plan/variant run: status`` (the run id whole;
+    the plan and variant cut with … when they would not leave it room) and takes as many of
+    the counts as fit; the others follow on indented lines, each line broken after a comma.
+    One line, :func:`summary_line` itself, when it fits.
+    """
+    status = f": {result.status.value}"
+    room = width - len(result.run_id) - len(status) - 2  # a space before the run id, a comma after
+    where = _cut(f"{result.plan_id}/{result.variant}", max(1, room))
+    tokens = [f"{where} {result.run_id}{status}", *_summary_parts(result)]
+    lines: list[str] = []
+    current = ""
+    for i, token in enumerate(tokens):
+        piece = token + ("," if i < len(tokens) - 1 else "")
+        if not current:
+            current = piece
+        elif len(current) + 1 + len(piece) <= width:
+            current += " " + piece
+        else:
+            lines.append(current)
+            current = "  " + piece
+    lines.append(current)
+    return lines
 
 
 def render_table(result: RunResult, console: Console, *, limit: int = 200) -> None:
@@ -271,17 +386,18 @@ def render_table(result: RunResult, console: Console, *, limit: int = 200) -> No
     table = Table(expand=False)
     # time: execution time (the attempts, pauses between them left out); wall: first start
     # to end, retries included, or to now while the task runs or waits.
+    tasks = result.tasks
+    if len(tasks) > limit:
+        tasks = sorted(tasks, key=lambda t: t.status is TaskStatus.SUCCEEDED)[:limit]
     for col in ("task", "stage", "status", "attempts", "code", "time", "wall", "message"):
         table.add_column(
             col, overflow="fold", justify="right" if col in ("stage", "attempts", "time", "wall") else "left"
         )
-    tasks = result.tasks
-    if len(tasks) > limit:
-        tasks = sorted(tasks, key=lambda t: t.status is TaskStatus.SUCCEEDED)[:limit]
     for t in tasks:
         style = STATUS_STYLE.get(t.status.value, "")
+        label = case_label(t.case)
         table.add_row(
-            t.id,
+            Text.assemble(t.id, (f" {label}", "dim")) if label else t.id,
             str(t.stage),
             f"[{style}]{t.status.value}[/]" if style else t.status.value,
             str(t.attempts),
@@ -294,7 +410,8 @@ def render_table(result: RunResult, console: Console, *, limit: int = 200) -> No
     else:
         style = "bold red" if result.status.terminal else "bold"
     # The summary above the table, not as its title: a title wraps at the table's width.
-    console.print(summary_line(result), style=style, highlight=False, soft_wrap=True)
+    for line in summary_lines(result, min(SUMMARY_WIDTH, console.width)):
+        console.print(line, style=style, highlight=False, soft_wrap=True)
     console.print(table)
     if len(result.tasks) > limit:
         console.print(f"… {len(result.tasks) - limit} more tasks (use --format json for all)")

@@ -6,7 +6,8 @@ Rules (DESIGN.md, "The plan file"):
 * a group's ``depends_on`` and policy (timeout, retry, priority, rate_limit) pass to
   every descendant; a dependency on a group or a matrix task means all its atomic tasks;
 * a matrix task becomes cases ``id[0]``, ``id[1]``, ... with the case merged over
-  ``params``; a variant's params are merged over everything (the variant wins);
+  ``params`` and kept as the task's ``case`` (so results can name it); a variant's params
+  are merged over everything (the variant wins);
 * stage = 0 without dependencies, else 1 + the highest stage of the dependencies;
 * an input artifact must be the ``output`` of an upstream task;
 * the manifests, as JSON, stay under :data:`~taskexec.plan.MAX_MANIFEST_BYTES`: matrices
@@ -91,7 +92,9 @@ def _manifest_bytes(
     tasks = len(plain)
     for n, listed in cases.items():
         each = _TASK_BYTES + len(to_json(_own(nodes[n]))) + sum(map(id_bytes.__getitem__, deps[n]))
-        shared += len(listed) * each + sum(2 * len(cid) + len(to_json(c)) for cid, c in listed)
+        # A case's id twice (its stage, its task) and its values twice (merged into the
+        # params, and as the task's `"case": {...}`, 8 bytes besides the values).
+        shared += len(listed) * each + sum(2 * len(cid) + 2 * len(to_json(c)) + 8 for cid, c in listed)
         tasks += len(listed)
         if shared > stop:
             break
@@ -266,7 +269,7 @@ def _compile(plan: Plan, settings: Settings, variants: dict[str, dict[str, Any]]
                 dep_ids = [cid for d in ds for cid in ids(d)] if case_ids else [names[d] for d in ds]
                 found = cases.get(n)
                 for cid, case in found if found is not None else ((t.id, no_case),):
-                    yield {
+                    task = {
                         "id": cid,
                         "stage": stage[n],
                         "depends_on": dep_ids,
@@ -282,6 +285,9 @@ def _compile(plan: Plan, settings: Settings, variants: dict[str, dict[str, Any]]
                         "secret_params": t.secret_params,
                         "source": node.path,
                     }
+                    if found is not None:  # a matrix case: its values, for results to name it
+                        task["case"] = case
+                    yield task
 
     return [
         RunManifest.model_validate(

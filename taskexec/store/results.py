@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from taskexec.errors import RunNotFoundError
 from taskexec.models import ErrorCode, RunResult, RunStatistics, RunStatus, RunSummary, TaskResult, TaskStatus
+from taskexec.store.manifests import compiled_run
 from taskexec.store.repository import get_run
 from taskexec.store.tables import Execution, ExecutionLog, ExecutionMetric, Run, utcnow
 
@@ -95,7 +97,10 @@ def _times(row: Execution, attempts: _Attempts | None, now: datetime) -> tuple[f
 
 
 def _task_result(
-    row: Execution, attempts: _Attempts | None = None, now: datetime | None = None
+    row: Execution,
+    attempts: _Attempts | None = None,
+    now: datetime | None = None,
+    case: dict[str, Any] | None = None,
 ) -> TaskResult:
     execution, wall = _times(row, attempts, now or utcnow())
     return TaskResult(
@@ -104,6 +109,7 @@ def _task_result(
         status=TaskStatus(row.status),
         attempts=row.attempts,
         throttled=row.throttled or 0,
+        case=case,
         error_code=ErrorCode(row.error_code) if row.error_code else None,
         error_message=row.error_message,
         output=row.output,
@@ -120,17 +126,21 @@ def task_result(session: Session, run_id: str, task_id: str) -> TaskResult:
     row = session.get(Execution, (run_id, task_id))
     if row is None:
         raise RunNotFoundError(f"no task {task_id!r} in run {run_id!r}", path="TASK")
-    return _task_result(row, _attempts(session, run_id, task_id).get(task_id))
+    found = compiled_run(session, run_id).tasks.get(task_id)  # parsed once per process
+    case = found.case if found is not None else None
+    return _task_result(row, _attempts(session, run_id, task_id).get(task_id), case=case)
 
 
 def run_result(session: Session, run_id: str) -> RunResult:
-    """A run with all its task results, tasks in manifest order."""
+    """A run with all its task results, tasks in manifest order, each with its matrix case."""
     run = get_run(session, run_id)
-    order = {t["id"]: i for i, t in enumerate(run.manifest["tasks"])}
+    listed = run.manifest["tasks"]
+    order = {t["id"]: i for i, t in enumerate(listed)}
+    cases = {t["id"]: t["case"] for t in listed if t.get("case") is not None}
     rows = session.scalars(select(Execution).where(Execution.run_id == run_id)).all()
     attempts = _attempts(session, run_id)
     now = utcnow()
-    found = (_task_result(r, attempts.get(r.task_id), now) for r in rows)
+    found = (_task_result(r, attempts.get(r.task_id), now, cases.get(r.task_id)) for r in rows)
     tasks = sorted(found, key=lambda t: order.get(t.id, len(order)))
     return RunResult(
         run_id=run.run_id,
