@@ -163,6 +163,42 @@ def test_forgets_the_oldest_run_past_its_bound() -> None:
 # ---- queue lengths against the test Redis ----------------------------------------------
 
 
+def test_a_tasks_wait_is_counted_whichever_of_its_events_arrives_first() -> None:
+    import threading
+
+    from celery.events.state import State
+
+    from taskexec.metrics import TaskEvents
+
+    registry = CollectorRegistry()
+    events = TaskEvents(FleetMetrics(registry), State(), threading.Lock())
+
+    def send(kind: str, uuid_: str, at: float) -> None:
+        fields = {"name": "taskexec.execute", "routing_key": "executor"} if kind == "task-sent" else {}
+        event = {
+            "type": kind,
+            "uuid": uuid_,
+            "timestamp": at,
+            "local_received": at,
+            "hostname": "w1",
+            "clock": 1,
+        }
+        events.handle(event | fields)
+
+    send("task-sent", "a", 100.0)  # in order
+    send("task-started", "a", 100.5)
+    send("task-started", "b", 200.2)  # the worker's event is received first
+    send("task-sent", "b", 200.0)
+    send("task-sent", "c", 300.01)  # sent after the publish, started at once: -10 ms
+    send("task-started", "c", 300.0)
+    send("task-sent", "d", 400.0)  # another host's clock, 5 s behind: not a wait
+    send("task-started", "d", 395.0)
+    found = registry_samples(registry)
+    ex = {"task": "taskexec.execute", "queue": "executor"}
+    assert value(found, "taskexec_task_wait_seconds_count", **ex) == 3
+    assert abs(value(found, "taskexec_task_wait_seconds_sum", **ex) - 0.7) < 1e-6
+
+
 def test_priority_lists_are_kombus() -> None:
     options = create_app(Settings(broker_url="redis://127.0.0.1:6379/0")).conf.broker_transport_options
     assert priority_lists("executor", options) == ["executor"] + [f"executor:{p}" for p in range(1, 10)]

@@ -38,10 +38,20 @@ def _task_label(name: str | None) -> str:
 class TaskEvents:
     """Celery task events -> metrics; the :class:`State` merges events of one task."""
 
+    #: Started tasks whose ``task-sent`` has not arrived yet, kept at most this many.
+    MAX_UNSENT = 10_000
+    #: A wait below zero by less than this is the two events' order on one host (Celery
+    #: sends ``task-sent`` after the message, a worker may start first): counted as 0.
+    #: Further below, the publisher's and the worker's clocks differ: not counted.
+    SKEW = 1.0
+
     def __init__(self, metrics: FleetMetrics, state: Any, lock: threading.Lock) -> None:
         self.metrics = metrics
         self.state = state  # celery.events.state.State (untyped)
         self.lock = lock
+        # uuid -> started timestamp: the events of one task come over separate connections
+        # (publisher, worker), so ``task-started`` may be received first.
+        self._unsent: dict[str, float] = {}
 
     def handle(self, event: dict[str, Any]) -> None:
         """Account one event of any type (worker heartbeats only update the state)."""
@@ -60,11 +70,24 @@ class TaskEvents:
             self.metrics.retries.labels(**labels).inc()
         elif kind == "succeeded" and event.get("runtime") is not None:
             self.metrics.runtime.labels(**labels).observe(float(event["runtime"]))
-        elif kind == "started" and task is not None and task.sent and not task.eta and not task.retries:
-            # Clocks of the publisher and the worker differ: drop what skew makes negative.
-            wait = float(event.get("timestamp") or 0) - float(task.sent)
-            if wait >= 0:
-                self.metrics.wait.labels(**labels).observe(wait)
+        elif kind == "started" and task is not None and not task.eta and not task.retries:
+            started = float(event.get("timestamp") or 0)
+            if task.sent:
+                self._observe_wait(started - float(task.sent), labels)
+            else:
+                with self.lock:
+                    if len(self._unsent) >= self.MAX_UNSENT:
+                        self._unsent.pop(next(iter(self._unsent)))
+                    self._unsent[str(event.get("uuid"))] = started
+        elif kind == "sent":
+            with self.lock:
+                early = self._unsent.pop(str(event.get("uuid")), None)
+            if early is not None:  # labelled by this event: the started one has no name
+                self._observe_wait(early - float(event.get("timestamp") or 0), labels)
+
+    def _observe_wait(self, wait: float, labels: dict[str, str]) -> None:
+        if wait > -self.SKEW:
+            self.metrics.wait.labels(**labels).observe(max(wait, 0.0))
 
 
 @dataclass
