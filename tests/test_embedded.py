@@ -594,8 +594,9 @@ def test_run_timeout_stops_an_embedded_run_timed_out(home: Path) -> None:
     p = taskexec(home, "run", str(gate_plan(home)), "--timeout", "3")
     assert p.returncode == 1, (p.stdout, p.stderr)
     assert "Traceback" not in p.stderr
-    [line] = p.stdout.strip().splitlines()
+    first, line = p.stdout.strip().splitlines()  # the run id when submitted, then the summary
     run_id = line.split()[1].rstrip(":")
+    assert first.split() == [run_id, "gate/default:", "submitted"], first
     assert line.startswith(f"gate/default {run_id}: timed_out"), line
     result = stored(home, run_id)
     assert result["status"] == "timed_out"
