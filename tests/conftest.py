@@ -21,6 +21,8 @@ import pytest
 import redis
 import sqlalchemy as sa
 
+from taskexec.store import Store
+
 CI = bool(os.environ.get("CI"))
 REDIS_HOST = os.environ.get("TASKEXEC_TEST_REDIS", "redis://127.0.0.1:6379")
 PG_ADMIN = os.environ.get("TASKEXEC_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
@@ -232,3 +234,14 @@ def fleet(fleet_env: dict[str, str], tmp_path: Path) -> Iterator[Fleet]:
         yield f
     finally:
         f.stop()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """An empty SQLite store (the embedded mode's), schema created, closed after the test."""
+    s = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    s.create_all()
+    try:
+        yield s
+    finally:
+        s.close()

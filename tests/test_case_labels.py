@@ -60,16 +60,6 @@ def schema() -> xmlschema.XMLSchema:
     return xmlschema.XMLSchema(str(SCHEMA))
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path / 'store.db'}")
-    s.create_all()
-    try:
-        yield s
-    finally:
-        s.close()
-
-
 def matrix_run() -> Any:
     tasks = [
         task("prep", TaskStatus.SUCCEEDED),

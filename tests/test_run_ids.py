@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
@@ -47,16 +46,6 @@ def _add(store: Store, ids: dict[str, str]) -> None:
     with store.begin() as s:
         for k, (run_id, plan_id) in enumerate(ids.items()):
             repo.add_run(s, run_id, _manifest(plan_id), now=t0 + timedelta(minutes=k))
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path / 'store.db'}")
-    s.create_all()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 # --- the repository ---------------------------------------------------------------------

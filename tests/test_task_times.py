@@ -7,9 +7,7 @@ from __future__ import annotations
 import io
 import json
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -21,16 +19,6 @@ from taskexec.store import repository as repo
 from taskexec.store.engine import Store
 from taskexec.store.results import run_result
 from taskexec.store.tables import utcnow
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path / 'store.db'}")
-    s.create_all()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def _manifest() -> RunManifest:
