@@ -77,6 +77,9 @@ class Run(Base):
     statistics: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     tenant: Mapped[str | None] = mapped_column(String(200), index=True)
     labels: Mapped[dict[str, str]] = mapped_column(JsonType, default=dict)
+    #: The run's effective parameters: the plan's ``params:`` defaults with the submitter's
+    #: overrides applied (NULL: the plan declares none).
+    params: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     stage_count: Mapped[int] = mapped_column(Integer)
     #: Highest stage dispatched so far (-1: none); advanced by a conditional UPDATE so a
     #: stage is dispatched once even when the chord body runs twice.
@@ -136,6 +139,9 @@ class Execution(Base):
     #: and its publish leaves the token: the reconciler sends the task after a grace period.
     outbox: Mapped[str | None] = mapped_column(String(40))
     output: Mapped[Any | None] = mapped_column(JsonType)
+    #: The handler params of the latest attempt as rendered (templates filled in), secrets
+    #: masked; NULL until an attempt renders them.
+    params: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     error_code: Mapped[str | None] = mapped_column(String(8))
     error_message: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(300))
