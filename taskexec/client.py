@@ -412,9 +412,12 @@ class Client:
                 self._fleet.check()
             time.sleep(poll)
 
-    def cancel(self, run_id: str) -> RunStatus:
-        """Cancel a run; it ends ``cancelled`` once no task of it runs any more."""
-        return producer.cancel(self.services, self.resolve_run(run_id))
+    def cancel(self, run_id: str, *, by: str | None = None) -> RunStatus:
+        """Cancel a run; it ends ``cancelled`` once no task of it runs any more.
+
+        ``by`` (default ``user@host``) is recorded in the run's history.
+        """
+        return producer.cancel(self.services, self.resolve_run(run_id), by=_who(by))
 
     def approve(
         self,
@@ -434,11 +437,10 @@ class Client:
         Raises:
             ConflictError: The task is not waiting for approval (any longer).
         """
-        who = by or f"{getpass.getuser()}@{socket.gethostname()}"
         run_id = self.resolve_run(run_id)
-        return producer.decide(self.services, run_id, task_id, approve=not reject, by=who, reason=reason)
+        return producer.decide(self.services, run_id, task_id, approve=not reject, by=_who(by), reason=reason)
 
-    def retry(self, run_id: str, tasks: list[str] | None = None) -> list[str]:
+    def retry(self, run_id: str, tasks: list[str] | None = None, *, by: str | None = None) -> list[str]:
         """Run a run's failed (or the named) tasks again in the same run; the ids reopened.
 
         Succeeded tasks and their outputs are kept; what was skipped downstream runs too.
@@ -447,11 +449,14 @@ class Client:
             >>> client.retry(run_id)  # doctest: +SKIP
             ['deploy', 'smoke-test']
         """
-        return producer.retry_run(self.services, self.resolve_run(run_id), tasks)
+        return producer.retry_run(self.services, self.resolve_run(run_id), tasks, by=_who(by))
 
-    def resume(self, run_id: str) -> int:
-        """Re-dispatch the unfinished part of a run from the store; tasks re-queued."""
-        return producer.resume(self.services, self.resolve_run(run_id))
+    def resume(self, run_id: str, *, by: str | None = None) -> int:
+        """Re-dispatch the unfinished part of a run from the store; tasks re-queued.
+
+        ``by`` (default ``user@host``) is recorded in the run's history.
+        """
+        return producer.resume(self.services, self.resolve_run(run_id), by=_who(by))
 
     def runs(
         self,
@@ -466,6 +471,11 @@ class Client:
             return results.list_runs(
                 s, status=RunStatus(status) if status else None, tenant=tenant, label=label, limit=limit
             )
+
+
+def _who(by: str | None) -> str:
+    """Who asks for an action: ``by``, else ``user@host``."""
+    return by or f"{getpass.getuser()}@{socket.gethostname()}"
 
 
 def _ended_count(result: RunResult) -> str:

@@ -145,6 +145,17 @@ class Settings(BaseSettings):
         "private, link-local, shared or cloud metadata addresses: hostnames (*.example.com for its "
         "subdomains), addresses and CIDR ranges. Unset: public addresses only.",
     )
+    ui_auth: SecretStr | None = Field(
+        None, description="`taskexec ui`'s basic auth, USER:PASSWORD. Unset: no auth (loopback only)."
+    )
+    ui_tokens: SecretStr | None = Field(
+        None,
+        description="`taskexec ui`'s bearer tokens, TOKEN=TENANT pairs separated by commas; a token "
+        "sees only its tenant's runs (TENANT `*`: every run).",
+    )
+    flower_url: str | None = Field(
+        None, description="Flower's base URL: the dashboard links each attempt to Flower's task page."
+    )
 
     @field_validator("allowed_handlers", "handler_modules", "secrets", "http_allow", mode="before")
     @classmethod

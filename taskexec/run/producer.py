@@ -64,18 +64,21 @@ def submit(
     return run_id
 
 
-def cancel(svc: Services, run_id: str, *, reason: str = "cancelled") -> RunStatus:
+def cancel(svc: Services, run_id: str, *, reason: str = "cancelled", by: str | None = None) -> RunStatus:
     """Cancel a run: a durable flag, waiting work cancelled and revoked, running handlers told.
 
     The run ends ``cancelled`` as soon as no task of it is running (at once when none is);
     with ``reason="timeout"`` (an embedded ``taskexec run --timeout``) it ends ``timed_out``,
-    as a plan's ``stop.timeout`` ends it. Returns the run's status after the call.
+    as a plan's ``stop.timeout`` ends it. ``by`` (who asked) is recorded in the run's
+    history. Returns the run's status after the call.
     """
     with svc.store.begin() as s:
         run = repo.get_run(s, run_id)
         if RunStatus(run.status).terminal:
             return RunStatus(run.status)
         repo.set_stop_reason(s, run_id, reason, overwrite=True)
+        if by is not None:
+            repo.log_line(s, run_id, None, 0, f"cancel requested by {by}", worker=by, event="action")
         statuses = repo.task_statuses(s, run_id)
         in_queue = [t for t, st in statuses.items() if st in (_T.QUEUED, _T.RETRYING)]
         changes = stop_waiting(s, run_id, reason)
@@ -97,16 +100,21 @@ def cancel(svc: Services, run_id: str, *, reason: str = "cancelled") -> RunStatu
         return RunStatus(repo.get_run(s, run_id).status)
 
 
-def resume(svc: Services, run_id: str) -> int:
+def resume(svc: Services, run_id: str, *, by: str | None = None) -> int:
     """Send again, from the store alone, whatever of a run may have lost its messages.
 
     Every task with a message on its way or a worker on it gets a new message; no task's
     status changes. A task running under a live lease is not run again (the new copy waits
     for it), finished tasks stay finished, and the run never leaves ``running``: a client
     waiting on it sees no false end. A run that has ended has nothing to resume (``taskexec
-    retry`` runs failed tasks again). Returns how many tasks were sent again.
+    retry`` runs failed tasks again). ``by`` (who asked) is recorded in the run's history.
+    Returns how many tasks were sent again.
     """
     check_broker(svc.redis)
+    if by is not None:
+        with svc.store.begin() as s:
+            repo.get_run(s, run_id)
+            repo.log_line(s, run_id, None, 0, f"resume requested by {by}", worker=by, event="action")
     return republish(svc, run_id, why="resumed")
 
 
@@ -164,7 +172,9 @@ def decide(
     return _T.SUCCEEDED if approve else _T.FAILED
 
 
-def retry_run(svc: Services, run_id: str, task_ids: list[str] | None = None) -> list[str]:
+def retry_run(
+    svc: Services, run_id: str, task_ids: list[str] | None = None, *, by: str | None = None
+) -> list[str]:
     """Run a run's failed (or the named) tasks again, in the same run, with fresh attempts.
 
     Tasks that ended without success (failed, validation_failed, timed_out, error, and those
@@ -208,6 +218,9 @@ def retry_run(svc: Services, run_id: str, task_ids: list[str] | None = None) -> 
         if not reopened:
             return []
         changes = repo.reopen_tasks(s, run_id, reopened, message="run again by taskexec retry")
+        if by is not None:
+            text = f"retry of {len(reopened)} task(s) requested by {by}"
+            repo.log_line(s, run_id, None, 0, text, worker=by, event="action")
         repo.start_retry(s, run_id)
         if RunStatus(run.status) is not RunStatus.RUNNING:
             started = repo.set_run_status(
