@@ -24,7 +24,17 @@ from dataclasses import dataclass, field
 from taskexec.errors import InvalidInputError
 from taskexec.settings import Settings
 
-__all__ = ["CSRF_COOKIE", "CSRF_HEADER", "Access", "Auth", "check_bind", "csrf_ok", "is_loopback", "new_csrf"]
+__all__ = [
+    "CSRF_COOKIE",
+    "CSRF_HEADER",
+    "Access",
+    "Auth",
+    "Refused",
+    "check_bind",
+    "csrf_ok",
+    "is_loopback",
+    "new_csrf",
+]
 
 CSRF_COOKIE = "taskexec_csrf"
 CSRF_HEADER = "x-csrf-token"
@@ -155,3 +165,12 @@ def csrf_ok(cookie: str | None, sent: str | None) -> bool:
     (True, False, False)
     """
     return bool(cookie) and bool(sent) and hmac.compare_digest(str(cookie).encode(), str(sent).encode())
+
+
+class Refused(Exception):
+    """A request refused before it reaches the board (read-only, CSRF, tenant)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
