@@ -179,6 +179,9 @@ class RunManifest(_Frozen):
     concurrency: int | None = Field(None, ge=1, description="tasks of the run executing at once, fleet-wide")
     notify: list[Notify] = Field(default_factory=list)
     matrices: list[MatrixInfo] = Field(default_factory=list)
+    #: How tasks are released: ``stages`` (one stage after another, a barrier between) or
+    #: ``dag`` (each task as soon as its own upstream tasks have ended).
+    execution: Literal["stages", "dag"] = "stages"
 
     @model_validator(mode="after")
     def _stages_match_tasks(self) -> RunManifest:

@@ -84,8 +84,14 @@ def dispatch(svc: Services, run_id: str, stage: int) -> None:
 
     Tasks whose dependencies did not all succeed are ``skipped`` (E009), tasks behind an
     approval gate are held; when a stop was requested, what was not dispatched is
-    ``cancelled`` (E004).
+    ``cancelled`` (E004). An ``execution: dag`` run has one dispatch, its first: the tasks
+    without upstream tasks (:func:`_dispatch_dag`).
     """
+    with svc.store.begin() as s:
+        dag = repo.is_dag(s, run_id)
+    if dag:
+        _dispatch_dag(svc, run_id)
+        return
     while True:
         changes: list[Change] = []
         publication: Publication | None = None
@@ -124,13 +130,97 @@ def dispatch(svc: Services, run_id: str, stage: int) -> None:
     finalize(svc, run_id)
 
 
+def _dispatch_dag(svc: Services, run_id: str) -> None:
+    """The first dispatch of a ``dag`` run: its tasks without upstream tasks, in one group.
+
+    The right to it is the stage cursor's (0), as a stage's; every later task is released
+    by the transaction that ends its last upstream task (:mod:`taskexec.store.repository.dag`).
+    """
+    changes: list[Change] = []
+    publication: Publication | None = None
+    with svc.store.begin() as s:
+        run = repo.get_run(s, run_id)
+        if RunStatus(run.status).terminal or not repo.claim_stage(s, run_id, 0):
+            return  # ended, or another copy of this step dispatched it
+        cr = compiled_run(s, run_id)
+        m = cr.manifest
+        if run.stop_reason is None and run_timed_out(run, m):
+            request_stop(s, run_id, "timeout")
+            run.stop_reason = "timeout"
+        if run.stop_reason is not None:
+            changes += stop_waiting(s, run_id, run.stop_reason)
+        else:
+            statuses = repo.task_statuses(s, run_id)
+            roots = _by_priority([t for t in m.tasks if not t.depends_on and statuses[t.id] is _T.PENDING])
+            pace = _pacing(svc, m, run_id, run.tenant, roots)
+            why = "dispatched: tasks without upstream tasks"
+            queued, publication = _queue(s, run_id, roots, run.epoch, why, pace)
+            publication.detached = True
+            changes += queued
+    events.publish(svc.redis, changes)
+    if publication is not None and publication.tasks:
+        publish(svc, run_id, None, publication)
+    else:
+        finalize(svc, run_id)
+
+
+def _advance_dag(svc: Services, run_id: str) -> None:
+    """Send a ``dag`` run's released tasks (those its settled tasks queued), or end the run.
+
+    Called after every task of the run ends (its message is detached), after an approval
+    or a retry, and by the reconciler. The rows are taken from the outbox by one
+    conditional update (:func:`repo.claim_ready`): of two callers at once, each task goes
+    to one; one that dies before it sends leaves them marked for the reconciler.
+    """
+    changes: list[Change] = []
+    publication: Publication | None = None
+    with svc.store.begin() as s:
+        run = repo.get_run(s, run_id)
+        if RunStatus(run.status).terminal:
+            return
+        cr = compiled_run(s, run_id)
+        m = cr.manifest
+        cursor = run.stage_cursor
+        if run.stop_reason is None and cursor >= 0 and run_timed_out(run, m):
+            request_stop(s, run_id, "timeout")
+            run.stop_reason = "timeout"
+        if run.stop_reason is not None:
+            changes += stop_waiting(s, run_id, run.stop_reason)
+            over = True
+        else:
+            publication = Publication.new([], run.epoch, detached=True)
+            taken = repo.claim_ready(s, run_id, publication.token)
+            publication.tasks = _by_priority([cr.tasks[t] for t in taken])
+            publication.pace = _pacing(svc, m, run_id, run.tenant, publication.tasks)
+            repo.set_due(s, run_id, publication.pace)
+            over = not taken and not repo.unfinished(s, run_id)
+    events.publish(svc.redis, changes)
+    if publication is not None and publication.tasks:
+        publish(svc, run_id, None, publication)
+    elif cursor < 0 and run.stop_reason is None:
+        dispatch(svc, run_id, 0)  # its first dispatch never happened
+    elif over:
+        finalize(svc, run_id)
+
+
+def _by_priority(tasks: list[ManifestTask]) -> list[ManifestTask]:
+    """Highest priority first (then the plan's order): the order their messages go out."""
+    return sorted(tasks, key=lambda t: -t.priority)
+
+
 def release(svc: Services, run_id: str) -> None:
     """Dispatch held tasks whose dependencies have all ended, in stages already dispatched.
 
     Runs after an approval is decided, after ``taskexec retry`` reopened tasks, as the body
     of the chord of each batch it sends, after a detached task ends, and from the
     reconciler, until nothing is held; then the run goes on to its next stage, or ends.
+    A ``dag`` run sends what its settled tasks released instead (:func:`_advance_dag`).
     """
+    with svc.store.begin() as s:
+        dag = repo.is_dag(s, run_id)
+    if dag:
+        _advance_dag(svc, run_id)
+        return
     changes: list[Change] = []
     publication: Publication | None = None
     with svc.store.begin() as s:
@@ -185,7 +275,7 @@ def republish(svc: Services, run_id: str, *, why: str) -> int:
         statuses = repo.task_statuses(s, run_id)
         active = [cr.tasks[t] for t, st in statuses.items() if st.active]
         epoch = repo.bump_epoch(s, run_id)  # new message ids: a cancel revokes these, not the lost
-        publication = Publication.new(active, epoch)
+        publication = Publication.new(active, epoch, detached=cr.manifest.execution == "dag")
         queued = [t.id for t in active if statuses[t.id] is _T.QUEUED]
         repo.mark_outbox(s, run_id, queued, publication.token)
         repo.log_line(s, run_id, None, 0, f"{why}: {len(active)} task(s) sent again", event="resume")
@@ -210,7 +300,7 @@ def resend(svc: Services, run_id: str, overdue: Sequence[repo.Overdue]) -> int:
         if RunStatus(run.status).terminal:
             return 0
         cr = compiled_run(s, run_id)
-        publication = Publication.new([], run.epoch)
+        publication = Publication.new([], run.epoch, detached=cr.manifest.execution == "dag")
         publication.suffix = publication.token[:8]
         marked = repo.mark_resent(s, overdue, publication.token)
     faultpoints.reached("reconcile.marked")

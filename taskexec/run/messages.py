@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from celery import Celery, chord
+from celery import Celery, chord, group
 from celery.canvas import Signature
 from redis import Redis, RedisError
 
@@ -179,6 +179,9 @@ class Publication:
     pace: dict[str, datetime] = field(default_factory=dict)
     #: Added to the message ids of copies sent again in the same epoch (the reconciler's).
     suffix: str = ""
+    #: Sent outside any chord (an ``execution: dag`` run): each task moves its run on
+    #: itself when it ends (``detached``), and the batch is a plain group.
+    detached: bool = False
 
     @classmethod
     def new(cls, tasks: list[ManifestTask], epoch: int, **kw: Any) -> Publication:
@@ -224,24 +227,8 @@ class _Sending(threading.Thread):
                 self.redis.delete(self.key)
 
 
-def publish(svc: Services, run_id: str, stage: int | None, p: Publication) -> bool:
-    """Send a chord of queued tasks, then take them out of the outbox; false if the broker
-    refused it (the run goes on: the reconciler sends what is still in the outbox).
-
-    ``stage`` is the stage dispatched (its body dispatches the next one), or ``None`` for a
-    batch of released or re-sent tasks (its body releases the run again).
-    """
-    app = svc.app
-    header = [
-        execute_signature(
-            app,
-            run_id,
-            t,
-            task_id=message_id(run_id, t.id, p.epoch) + (f".{p.suffix}" if p.suffix else ""),
-            eta=p.pace.get(t.id),
-        )
-        for t in p.tasks
-    ]
+def _chord(app: Celery, run_id: str, stage: int | None, header: list[Signature]) -> Signature:
+    """The chord of a batch: its body advances the run (``stage``) or releases it (``None``)."""
     if stage is None:
         body = app.signature(
             "taskexec.release",
@@ -263,10 +250,34 @@ def publish(svc: Services, run_id: str, stage: int | None, p: Publication) -> bo
         options={"queue": CONTROL, "argsrepr": f"run={run_id} stage={stage}", "ignore_result": True},
     )
     body.link_error(on_error)
+    return chord(header, body, app=app)
+
+
+def publish(svc: Services, run_id: str, stage: int | None, p: Publication) -> bool:
+    """Send a chord of queued tasks, then take them out of the outbox; false if the broker
+    refused it (the run goes on: the reconciler sends what is still in the outbox).
+
+    ``stage`` is the stage dispatched (its body dispatches the next one), or ``None`` for a
+    batch of released or re-sent tasks (its body releases the run again). A detached
+    publication (a ``dag`` run's) is a plain group: each task moves its run on when it ends.
+    """
+    app = svc.app
+    header = [
+        execute_signature(
+            app,
+            run_id,
+            t,
+            task_id=message_id(run_id, t.id, p.epoch) + (f".{p.suffix}" if p.suffix else ""),
+            eta=p.pace.get(t.id),
+            detached=p.detached,
+        )
+        for t in p.tasks
+    ]
+    sending = group(header, app=app) if p.detached else _chord(app, run_id, stage, header)
     try:
         faultpoints.reached("dispatch.committed")
         with _Sending(svc.redis, p.token, ttl=max(1.0, svc.settings.resend_grace / 2)):
-            chord(header, body, app=app).apply_async()
+            sending.apply_async()
         faultpoints.reached("dispatch.published")
         instance = broker_instance(app)
     except Exception as e:  # kombu and redis-py raise many types for one broken connection

@@ -222,6 +222,9 @@ def retry_run(
             text = f"retry of {len(reopened)} task(s) requested by {by}"
             repo.log_line(s, run_id, None, 0, text, worker=by, event="action")
         repo.start_retry(s, run_id)
+        # A dag run's reopened tasks count their upstream tasks again; the free ones are
+        # queued into the outbox here, and the release below sends them.
+        changes += [c for c in repo.reset_blockers(s, run_id, reopened) if c.status != _T.QUEUED.value]
         if RunStatus(run.status) is not RunStatus.RUNNING:
             started = repo.set_run_status(
                 s, run_id, RunStatus.RUNNING, message=f"retry of {len(reopened)} task(s)"

@@ -11,7 +11,8 @@ at a time in the whole fleet), looks for:
   (:func:`~taskexec.dispatch.republish`); a Redis restart that kept its data changes
   nothing;
 * runs queued whose first dispatch message never arrived;
-* stages complete in the store whose next stage was never dispatched;
+* stages complete in the store whose next stage was never dispatched (in a ``dag`` run,
+  a run whose tasks have all ended but which its last task's settle did not end);
 * runs past their ``stop.timeout``, and stopping runs with nothing left running;
 * running tasks whose lease ran out in the store *and* in Redis (their worker was lost): a
   new delivery takes them over; a worker that only lost the store still holds its task;
@@ -19,7 +20,8 @@ at a time in the whole fleet), looks for:
   (backoffs, rate-limit and slot waits, paced ETAs) still waiting ``TASKEXEC_RESEND_GRACE``
   past their due time, because the worker holding them in memory died;
 * tasks left in the outbox for ``TASKEXEC_RESEND_GRACE`` (their dispatcher died or lost
-  the broker between its commit and its publish).
+  the broker between its commit and its publish; in a ``dag`` run, tasks released by the
+  transaction that ended their last upstream task and not sent after it).
 
 Every action goes through the same idempotent steps as normal execution (conditional
 claims, the run's stage cursor), so a round that overlaps normal progress changes nothing,
@@ -152,6 +154,10 @@ def _reconcile_run(svc: Services, report: Report, run: _InFlight, current: str |
         if stop_reason is not None:
             events.publish(svc.redis, stop_waiting(s, run_id, stop_reason))
             settled = False
+        elif repo.is_dag(s, run_id):
+            # Released tasks never sent are outbox rows (sent below, past the grace); what
+            # is left here is the end of a run whose last settle did not get to finalize it.
+            settled = run.cursor >= 0 and not repo.unfinished(s, run_id)
         else:
             settled = run.cursor >= 0 and stage_settled(s, run_id, run.cursor)
     if stop_reason is not None:

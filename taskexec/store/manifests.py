@@ -32,6 +32,7 @@ class CompiledRun:
     manifest: RunManifest
     tasks: dict[str, ManifestTask] = field(default_factory=dict)
     producers: dict[str, list[str]] = field(default_factory=dict)  # artifact -> task ids (case order)
+    dependents: dict[str, list[str]] = field(default_factory=dict)  # task id -> tasks that depend on it
     size: int = 0  # bytes of the manifest's JSON
 
 
@@ -69,8 +70,11 @@ def compiled_run(session: Session, run_id: str) -> CompiledRun:
 def _parse(manifest: dict[str, Any]) -> CompiledRun:
     m = RunManifest.model_validate(manifest)
     producers: dict[str, list[str]] = {}
+    dependents: dict[str, list[str]] = {}
     for t in m.tasks:
         if t.output:
             producers.setdefault(t.output, []).append(t.id)
+        for d in dict.fromkeys(t.depends_on):
+            dependents.setdefault(d, []).append(t.id)
     size = len(json.dumps(manifest, separators=(",", ":")))
-    return CompiledRun(m, {t.id: t for t in m.tasks}, producers, size)
+    return CompiledRun(m, {t.id: t for t in m.tasks}, producers, dependents, size)

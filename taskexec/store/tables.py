@@ -138,6 +138,9 @@ class Execution(Base):
     #: confirmed its message sent (NULL once sent). A dispatcher that dies between its commit
     #: and its publish leaves the token: the reconciler sends the task after a grace period.
     outbox: Mapped[str | None] = mapped_column(String(40))
+    #: Upstream tasks not yet ended, in an ``execution: dag`` run: the transition that ends
+    #: an upstream task decrements it in its own transaction; at zero the task is released.
+    blockers: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     output: Mapped[Any | None] = mapped_column(JsonType)
     #: The handler params of the latest attempt as rendered (templates filled in), secrets
     #: masked; NULL until an attempt renders them.

@@ -8,6 +8,7 @@ lost leases). Callers use the one namespace: ``from taskexec.store import reposi
 repo``.
 """
 
+from taskexec.store.repository.dag import READY, claim_ready, is_dag, unfinished
 from taskexec.store.repository.recovery import (
     Overdue,
     clear_outbox,
@@ -45,6 +46,7 @@ from taskexec.store.repository.tasks import (
     record_metrics,
     renew_lease,
     reopen_tasks,
+    reset_blockers,
     set_task_status,
     set_tasks_status,
     task_state,
@@ -52,17 +54,20 @@ from taskexec.store.repository.tasks import (
 )
 
 __all__ = [
+    "READY",
     "Overdue",
     "TaskState",
     "add_run",
     "bump_epoch",
     "claim_attempt",
+    "claim_ready",
     "claim_stage",
     "clear_outbox",
     "count_failures",
     "count_throttled",
     "expired_approvals",
     "get_run",
+    "is_dag",
     "latest_run_id",
     "load_manifest",
     "log_line",
@@ -75,6 +80,7 @@ __all__ = [
     "record_metrics",
     "renew_lease",
     "reopen_tasks",
+    "reset_blockers",
     "resolve_run_id",
     "runs_in_flight",
     "set_broker_instance",
@@ -88,4 +94,5 @@ __all__ = [
     "stop_reason",
     "task_state",
     "task_statuses",
+    "unfinished",
 ]

@@ -66,6 +66,7 @@ def add_run(
             statistics=None,
             tenant=tenant,
             labels=labels or {},
+            params=manifest.param_values if manifest.params else None,
             stage_count=len(manifest.stages),
             stage_cursor=-1,
             epoch=0,
@@ -83,6 +84,7 @@ def add_run(
                 "stage": t.stage,
                 "status": TaskStatus.PENDING.value,
                 "attempts": 0,
+                "blockers": len(set(t.depends_on)),
                 "updated_at": now,
             }
             for t in manifest.tasks

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from taskexec.errors import IllegalTransitionError, RunNotFoundError
 from taskexec.models import TASK_TRANSITIONS, Change, ErrorCode, TaskStatus
+from taskexec.store.repository import dag
 from taskexec.store.repository._tables import EXECUTIONS, LOGS, METRICS, RUNS, chunks
 from taskexec.store.repository.runs import get_run
 from taskexec.store.tables import Execution, utcnow
@@ -32,6 +33,7 @@ __all__ = [
     "record_metrics",
     "renew_lease",
     "reopen_tasks",
+    "reset_blockers",
     "set_task_status",
     "set_tasks_status",
     "task_state",
@@ -55,6 +57,27 @@ def set_tasks_status(
     run_id: str,
     task_ids: Sequence[str],
     to: TaskStatus,
+    **kw: Any,
+) -> list[Change]:
+    """Move every listed task that may legally do so to ``to``; the changes that happened.
+
+    With ``attempt``, only a task still on that attempt moves: a worker that lost its
+    claim (taken over after its lease ran out) writes nothing. In an ``execution: dag``
+    run, the tasks that ended here release (or skip) what depends on them in this same
+    transaction (:mod:`.dag`): their changes follow the listed tasks' own.
+    """
+    changes = _move(session, run_id, task_ids, to, **kw)
+    if changes and to.terminal:
+        ended = [c.task_id for c in changes if c.task_id is not None]
+        changes += dag.settle_downstream(session, run_id, ended, to, _move)
+    return changes
+
+
+def _move(
+    session: Session,
+    run_id: str,
+    task_ids: Sequence[str],
+    to: TaskStatus,
     *,
     allowed_from: Iterable[TaskStatus] | None = None,
     error_code: ErrorCode | None = None,
@@ -63,11 +86,7 @@ def set_tasks_status(
     attempt: int | None = None,
     **fields: Any,
 ) -> list[Change]:
-    """Move every listed task that may legally do so to ``to``; the changes that happened.
-
-    With ``attempt``, only a task still on that attempt moves: a worker that lost its
-    claim (taken over after its lease ran out) writes nothing.
-    """
+    """:func:`set_tasks_status` without what follows in a ``dag`` run."""
     if not task_ids:
         return []
     now = now or utcnow()
@@ -315,6 +334,12 @@ def reopen_tasks(session: Session, run_id: str, task_ids: Sequence[str], *, mess
             .values(error_code=None)
         )
     return changes
+
+
+def reset_blockers(session: Session, run_id: str, task_ids: Sequence[str]) -> list[Change]:
+    """Recount reopened tasks' upstream tasks not yet ended (``dag`` runs, ``taskexec retry``);
+    what is now free is queued into the outbox, what sits behind a failure skipped."""
+    return dag.reset_blockers(session, run_id, task_ids, set_tasks_status)
 
 
 def count_throttled(session: Session, run_id: str, task_id: str, *, due: datetime | None = None) -> None:
