@@ -73,6 +73,10 @@ def _never() -> bool:
     return False
 
 
+def _discard(stream: str, text: str) -> None:
+    """Where a handler's output goes outside a worker: nowhere."""
+
+
 def worker_settings() -> Settings:
     """The settings of the worker this process runs for: its Celery app's.
 
@@ -96,11 +100,16 @@ class HandlerContext:
         attempt: This attempt's number, from 1.
         max_attempts: Attempts the retry policy allows in all.
         timeout: Seconds this attempt may take; the worker interrupts it after that.
-        logger: A logger named after the handler.
+        logger: A logger named after the handler; on a worker, what it logs at INFO and above
+            is kept in the attempt's logs too (``taskexec logs``).
         is_cancelled: Returns true once the run was cancelled: long handlers poll it.
         metrics: Numbers the handler reports (``tokens``, ``cost``...): stored per attempt.
         settings: The worker's settings: the operator's limits the built-in handlers apply
             (``TASKEXEC_SHELL_USER``, ``TASKEXEC_HTTP_ALLOW``). Default: :func:`worker_settings`.
+        emit: ``emit(stream, text)``: output of the handler's own as it comes (a command's
+            ``stdout`` line by line, an ``http`` status line): kept in the attempt's logs
+            (``taskexec logs``, secrets masked) and streamed to ``taskexec logs --follow``.
+            A context built outside a worker drops it.
     """
 
     run_id: str
@@ -112,6 +121,7 @@ class HandlerContext:
     is_cancelled: Callable[[], bool] = _never
     metrics: dict[str, float] = field(default_factory=dict)
     settings: Settings = field(default_factory=worker_settings, repr=False)
+    emit: Callable[[str, str], None] = field(default=_discard, repr=False)
 
     @property
     def idempotency_key(self) -> str:

@@ -38,7 +38,7 @@ from urllib.parse import quote, quote_plus
 
 from taskexec.errors import ParamsError
 
-__all__ = ["is_secret_ref", "permitted", "redact", "resolve", "variants"]
+__all__ = ["is_secret_ref", "longest_form", "permitted", "redact", "resolve", "safe_cut", "variants"]
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: Shorter values are not redacted: replacing every "a" of an output helps nobody. The
@@ -228,3 +228,33 @@ def redact(value: Any, secrets: list[str]) -> Any:
         return v
 
     return walk(value)
+
+
+def longest_form(secrets: list[str]) -> int:
+    """The length of the longest of the secrets' :func:`variants` (0 without secrets).
+
+    A text that is shown piece by piece (a command's output, live) keeps this many of its
+    last characters back: a secret still being printed is then masked whole.
+    """
+    return max((len(f) for s in secrets for f in variants(s)), default=0)
+
+
+def safe_cut(text: str, cut: int, secrets: list[str]) -> int:
+    """The largest index at most ``cut`` where ``text`` splits without cutting a secret in two.
+
+    Each side of the split is then redacted alone (:func:`redact`) and masks every secret
+    the whole text holds, as long as ``text`` holds each form that begins before ``cut``
+    whole (at least :func:`longest_form` characters after it).
+
+    >>> safe_cut("key=s3cr3t!, more", 7, ["s3cr3t!"]), safe_cut("key=s3cr3t!", 3, ["s3cr3t!"])
+    (4, 3)
+    """
+    masker = _masker(tuple(secrets)) if secrets else None
+    if masker is None:
+        return cut
+    for m in masker.finditer(text):
+        if m.start() >= cut:
+            break
+        if m.end() > cut:
+            return m.start()
+    return cut

@@ -9,6 +9,9 @@ Output: ``{"status_code", "headers", "json"}`` when the response is JSON (its
 ``{"status_code", "headers", "text"}`` (the body cut at 1 MiB). ``headers`` keeps the
 names as the server sent them.
 
+The attempt's log (``ctx.emit``, stream ``http``) gets the request line, the response's
+status line and the first 4 KiB of its body, for failures too (a 500 and what it said).
+
 Requests go through this worker process's pooled httpx client
 (:func:`workers.netguard.client`): connections are kept alive between tasks; the request's
 timeout (connect, each read and write) is ``timeout``.
@@ -33,6 +36,8 @@ from workers import netguard
 __all__ = ["HttpParams", "http"]
 
 MAX_BODY = 1024 * 1024
+#: The start of a response's body kept in the attempt's log (with its status line).
+LOG_EXCERPT = 4096
 
 
 def _headers(response: httpx.Response) -> dict[str, str]:
@@ -56,6 +61,14 @@ def _output(response: httpx.Response, body: bytes) -> dict[str, Any]:
             pass
     out["text"] = body[:MAX_BODY].decode("utf-8", "replace")
     return out
+
+
+def _exchange_log(method: str, url: str, response: httpx.Response, body: bytes) -> str:
+    """The request line, the status line and the start of the body: the attempt's log."""
+    excerpt = body[:LOG_EXCERPT].decode("utf-8", "replace")
+    more = "\n… [body cut for the log]" if len(body) > LOG_EXCERPT else ""
+    status = f"{response.http_version} {response.status_code} {response.reason_phrase}".rstrip()
+    return f"{method} {url}\n{status}\n\n{excerpt}{more}\n"
 
 
 def _read(response: httpx.Response, limit: int) -> bytes:
@@ -86,8 +99,12 @@ def http(params: dict[str, Any], inputs: dict[str, Any], ctx: HandlerContext) ->
     try:
         with session.stream(method, p.url, content=content, headers=headers, timeout=timeout) as resp:
             if resp.is_success:
-                return _output(resp, _read(resp, MAX_BODY + 1))
-            body = _read(resp, 2000).decode("utf-8", "replace").strip()
+                data = _read(resp, MAX_BODY + 1)
+                ctx.emit("http", _exchange_log(method, p.url, resp, data))
+                return _output(resp, data)
+            data = _read(resp, LOG_EXCERPT + 1)  # one more: whether the excerpt is all of it
+            ctx.emit("http", _exchange_log(method, p.url, resp, data))
+            body = data[:2000].decode("utf-8", "replace").strip()
     except DestinationNotAllowedError as e:
         raise DestinationNotAllowedError(f"{method} {p.url}: {e.message}") from None
     except (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.TooManyRedirects) as e:

@@ -19,6 +19,9 @@ command runs as that user (its own group, no supplementary groups, ``HOME`` its 
 entries and files. The worker then needs ``CAP_SETUID``/``CAP_SETGID`` to switch and
 ``CAP_KILL`` to stop the command: ``deploy/`` runs executors as root with only those.
 
+Both streams also go to the attempt's logs (``ctx.emit``), line by line as the command
+prints them: ``taskexec logs --follow`` shows a step's output while it runs.
+
 Output: ``{"exit_code", "stdout", "stderr"}`` (each stream cut at 1 MiB). A non-zero exit
 is an execution error (E003), retried while attempts remain. A command still running at
 ``timeout`` ends the attempt ``timed_out`` (E002), as the task's own ``timeout`` does.
@@ -34,15 +37,19 @@ takeover of their task. A process that leaves the group (``setsid``, a daemon) e
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import ctypes
 import errno
 import json
 import os
 import pwd
+import select
+import selectors
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +61,11 @@ from taskexec.settings import Settings
 __all__ = ["INHERITED", "ShellParams", "command_env", "shell"]
 
 MAX_STREAM = 1024 * 1024
+#: A line of output longer than this is handed to the attempt's logs in pieces.
+_LONG_LINE = 64 * 1024
+_READ_SIZE = 64 * 1024
+#: Seconds between two looks at the run's cancel flag and the step's time limit.
+_CHECK_EVERY = 0.5
 _PR_SET_PDEATHSIG = 1
 #: The worker's variables a command gets (when set): where programs are, locale, time zone.
 #: ``_TASKEXEC_EMBEDDED_FLEET`` marks the processes of an embedded fleet, so that its stop
@@ -155,6 +167,94 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=5)
 
 
+class _Lines:
+    """One output stream of a command: all of its bytes, and its complete lines handed to
+    ``emit`` as they come (a line longer than :data:`_LONG_LINE` in pieces)."""
+
+    def __init__(self, name: str, emit: Callable[[str, str], None]) -> None:
+        self.name, self.emit = name, emit
+        self.data: list[bytes] = []
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._partial = ""
+
+    def feed(self, data: bytes) -> None:
+        self.data.append(data)
+        text = self._partial + self._decoder.decode(data)
+        end = text.rfind("\n") + 1
+        if end == 0 and len(text) > _LONG_LINE:
+            end = len(text)
+        if end:
+            self.emit(self.name, text[:end])
+        self._partial = text[end:]
+
+    def end(self) -> bytes:
+        rest = self._partial + self._decoder.decode(b"", final=True)
+        if rest:
+            self.emit(self.name, rest)
+        self._partial = ""
+        return b"".join(self.data)
+
+
+def _exchange(
+    proc: subprocess.Popen[bytes], stdin: bytes, ctx: HandlerContext, limit: float
+) -> tuple[bytes, bytes]:
+    """What ``communicate`` does (stdin written, both streams read to their end, the process
+    waited for), with each line handed to ``ctx.emit`` as it comes, and a cancel check and
+    the step's time limit every half second."""
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    argv0 = proc.args[0] if isinstance(proc.args, list) else str(proc.args)
+    streams = {
+        proc.stdout.fileno(): _Lines("stdout", ctx.emit),
+        proc.stderr.fileno(): _Lines("stderr", ctx.emit),
+    }
+    began = time.monotonic()
+    check_at = began + _CHECK_EVERY
+
+    def checked() -> float:
+        """Seconds to wait at most before the next check; raises at a cancel or the limit."""
+        nonlocal check_at
+        now = time.monotonic()
+        if now >= check_at:
+            check_at = now + _CHECK_EVERY
+            if ctx.is_cancelled():
+                raise TaskCancelled("the run was cancelled")
+            if now - began >= limit:
+                raise HandlerTimedOut(f"{argv0} did not finish in {limit:g} s")
+        return max(0.0, check_at - now)
+
+    sent = 0
+    with selectors.DefaultSelector() as sel:
+        for fd in streams:
+            sel.register(fd, selectors.EVENT_READ)
+        if stdin:
+            sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE)
+        else:
+            proc.stdin.close()
+        while any(key.fd in streams for key in sel.get_map().values()):
+            for key, _ in sel.select(checked()):
+                if key.fd in streams:
+                    data = os.read(key.fd, _READ_SIZE)
+                    if data:
+                        streams[key.fd].feed(data)
+                    else:
+                        sel.unregister(key.fd)
+                    continue
+                try:  # stdin: at most PIPE_BUF bytes, which a writable pipe takes without blocking
+                    sent += os.write(key.fd, stdin[sent : sent + select.PIPE_BUF])
+                except BrokenPipeError:  # the command does not read its input: fine
+                    sent = len(stdin)
+                if sent >= len(stdin):
+                    sel.unregister(key.fd)
+                    proc.stdin.close()
+    while True:  # both streams closed: the command ends, or has closed them and goes on
+        try:
+            proc.wait(timeout=max(0.01, checked()))
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    return streams[proc.stdout.fileno()].end(), streams[proc.stderr.fileno()].end()
+
+
 @handler("shell", params=ShellParams)
 def shell(params: dict[str, Any], inputs: dict[str, Any], ctx: HandlerContext) -> dict[str, Any]:
     """Run ``argv`` with the inputs on stdin; fail (retryably) on a non-zero exit."""
@@ -201,21 +301,9 @@ def shell(params: dict[str, Any], inputs: dict[str, Any], ctx: HandlerContext) -
         raise ParamsError(f"cannot start {p.argv[0]!r}: {e.strerror or e}") from None
     finally:
         os.close(lifeline)
-    stdin: bytes | None = json.dumps(inputs).encode()
     limit = min(p.timeout or ctx.timeout, ctx.timeout)
-    waited = 0.0
     try:
-        while True:
-            try:
-                out, errs = proc.communicate(stdin, timeout=0.5)
-                break
-            except subprocess.TimeoutExpired:
-                stdin = None  # sent already; communicate keeps the rest of the exchange
-                waited += 0.5
-                if ctx.is_cancelled():
-                    raise TaskCancelled("the run was cancelled") from None
-                if waited >= limit:
-                    raise HandlerTimedOut(f"{p.argv[0]} did not finish in {limit:g} s") from None
+        out, errs = _exchange(proc, json.dumps(inputs).encode(), ctx, limit)
     finally:
         if proc.poll() is None:
             _kill(proc)
