@@ -33,6 +33,7 @@ from taskexec.errors import (
 )
 from taskexec.handlers import HandlerContext, handler, validator
 from taskexec.models import (
+    AttemptLog,
     ErrorCode,
     FlowState,
     LimitState,
@@ -77,6 +78,7 @@ __all__ = [
     "RetryPolicy",
     "StopConditions",
     # results and statuses
+    "AttemptLog",
     "ErrorCode",
     "FlowState",
     "LimitState",

@@ -33,6 +33,7 @@ from taskexec.errors import (
     WaitTimeoutError,
 )
 from taskexec.models import (
+    AttemptLog,
     FlowState,
     LimitState,
     ManifestTask,
@@ -382,6 +383,22 @@ class Client:
     def results(self, run_id: str) -> list[TaskResult]:
         """The task results of a run."""
         return self.status(run_id).tasks
+
+    def logs(self, run_id: str, task_id: str | None = None, attempt: int | None = None) -> list[AttemptLog]:
+        """The stored logs of a run's ended attempts (of one task, of one of its attempts),
+        in the order they were stored: stdout and stderr of shell steps, the http handler's
+        status line and body excerpt, tracebacks, ``ctx.logger`` lines; secrets masked.
+
+        Example:
+            >>> for entry in client.logs(run_id, "build"):  # doctest: +SKIP
+            ...     print(entry.attempt, entry.stream, entry.text)
+            1 stdout compiling...
+
+        Raises:
+            RunNotFoundError: No such run, or no task ``task_id`` in it (E001).
+        """
+        with self.store.begin() as s:
+            return repo.attempt_logs(s, repo.resolve_run_id(s, run_id), task_id, attempt)
 
     def wait(self, run_id: str, timeout: float | None = None, poll: float = 0.2) -> RunResult:
         """Block until a run ends; its result then.

@@ -20,6 +20,7 @@ from taskexec.states import RUN_TRANSITIONS, TASK_TRANSITIONS, Change, ErrorCode
 __all__ = [
     "RUN_TRANSITIONS",
     "TASK_TRANSITIONS",
+    "AttemptLog",
     "Change",
     "Criterion",
     "ErrorCode",
@@ -316,3 +317,22 @@ class RunResult(RunSummary):
     def succeeded(self) -> bool:
         """Whether the run ended ``succeeded``."""
         return self.status is RunStatus.SUCCEEDED
+
+
+class AttemptLog(_Frozen):
+    """One stream of what an attempt of a task printed or logged, secrets masked.
+
+    ``stream`` is ``stdout`` or ``stderr`` (a shell step), ``http`` (the status line and a
+    body excerpt), ``error`` (the exception the handler raised, with its traceback) or
+    ``log`` (what the handler logged through ``ctx.logger``). An attempt keeps at most
+    ``TASKEXEC_MAX_LOG_BYTES`` of them together: a cut stream is ``truncated`` and its text
+    ends with ``… [truncated: 3.2 MiB more]``. ``at`` is when the stream began.
+    """
+
+    run_id: str
+    task_id: str
+    attempt: int = Field(ge=1)
+    stream: str
+    text: str
+    truncated: bool = False
+    at: datetime

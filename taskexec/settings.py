@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     max_output_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="Largest task output (as JSON) a worker stores."
     )
+    max_log_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="Largest log an attempt keeps (its stdout, stderr, HTTP excerpt, traceback and "
+        "ctx.logger lines together, secrets masked); the rest is cut, the cut marked in the text.",
+    )
     webhook_secret: SecretStr | None = Field(
         None,
         description="Key of the HMAC-SHA256 signature of webhook bodies (header X-Taskexec-Signature). "

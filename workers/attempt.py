@@ -18,6 +18,10 @@ handler not allowed         ``error``: E010 at once
 Every write is conditioned on the attempt (a worker that lost its claim writes nothing),
 and is retried until the store takes it: the handler has run, giving up would run it again.
 The heartbeat keeps the attempt's lease (in the store, and in Redis) until then.
+
+The attempt's logs (what the handler printed through ``ctx.emit``, logged through
+``ctx.logger``, and the exception it raised: :mod:`workers.capture`) are stored just before
+its outcome, so that whoever sees the task's new status finds them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -51,7 +56,8 @@ from taskexec.store import repository as repo
 from taskexec.store.manifests import compiled_run
 from taskexec.store.tables import utcnow
 from workers import secrets
-from workers.handlers import resolve
+from workers.capture import LogCapture
+from workers.handlers import BUILTINS, resolve
 from workers.lease import CancelCheck, Heartbeat
 from workers.runtime import Runtime
 from workers.timelimit import HandlerTimeLimit
@@ -124,59 +130,96 @@ class Attempt:
     def _run(self, inputs: dict[str, Any], cancelled: CancelCheck, heartbeat: Heartbeat) -> Outcome:
         rt, task = self.rt, self.task
         masked = _Redacting()
+        logs = LogCapture(self.run_id, task.id, self.number, limit=rt.settings.max_log_bytes, redis=rt.redis)
         ctx = HandlerContext(
             run_id=self.run_id,
             task_id=task.id,
             attempt=self.number,
             max_attempts=task.retry.max_attempts,
             timeout=task.timeout,
-            logger=masked.logger(f"taskexec.task.{task.handler}"),
+            logger=masked.logger(f"taskexec.task.{task.handler}", logs.handler()),
             is_cancelled=cancelled,
             settings=rt.settings,
+            emit=logs.emit,
         )
         found: list[str] = []
         started = time.monotonic()
+        # A built-in's exception says what went wrong in its message; another's traceback
+        # shows where, in the operator's code.
+        traced = task.handler not in BUILTINS
 
         def measured() -> dict[str, float]:
             return {**ctx.metrics, "duration_seconds": round(time.monotonic() - started, 6)}
 
         def ignored_its_limit() -> None:  # the watchdog's record, just before it ends the process
-            self.failed(
-                _T.TIMED_OUT,
-                f"timed out after {task.timeout:g} s (the handler ignored its soft limit)",
-                measured(),
-            )
+            message = f"timed out after {task.timeout:g} s (the handler ignored its soft limit)"
+            logs.emit("error", message + "\n")
+            self.keep(logs)
+            self.failed(_T.TIMED_OUT, message, measured())
 
+        # What to store once the attempt's logs are: the outcome's write, ready to call.
+        then: Callable[[], Outcome]
         try:
             fn = resolve(task.handler, rt.settings)
             params, found = secrets.resolve(task.params, task.secret_params, allowed=rt.settings.secrets)
-            masked.secrets = found
+            masked.secrets = logs.secrets = found
             try:
                 with HandlerTimeLimit(task.timeout, HARD_LIMIT_GRACE, ignored_its_limit):
                     raw = fn(params, inputs, ctx)
             finally:
                 heartbeat.finishing()
             output = secrets.redact(check_output(raw, rt.settings.max_output_bytes), found)
+            then = partial(self.succeeded, output, measured())
         except HandlerNotAllowedError as e:
-            return self.ended(_T.ERROR, ErrorCode.HANDLER_NOT_ALLOWED, e.message)
-        except SoftTimeLimitExceeded:
-            return self.failed(_T.TIMED_OUT, f"timed out after {task.timeout:g} s", measured())
+            then = partial(self.ended, _T.ERROR, ErrorCode.HANDLER_NOT_ALLOWED, e.message)
+        except SoftTimeLimitExceeded as e:
+            message = f"timed out after {task.timeout:g} s"
+            logs.raised(e, with_traceback=traced, message=message)
+            then = partial(self.failed, _T.TIMED_OUT, message, measured())
         except AwaitApproval as e:
-            return self.awaits_approval(e)
+            then = partial(self.awaits_approval, e)
         except TaskCancelled:
             if cancelled.lost.is_set():
-                return Outcome(record(self.run_id, task.id, current_status(rt, self.run_id, task.id)))
-            return self.ended(_T.CANCELLED, ErrorCode.CANCELLED, "cancelled while running")
+                then = partial(self.as_stored)
+            else:
+                then = partial(self.ended, _T.CANCELLED, ErrorCode.CANCELLED, "cancelled while running")
         except TaskFailed as e:
-            return self.ended(_T.FAILED, e.code, secrets.redact(e.message, found))
+            logs.raised(e, with_traceback=traced)
+            then = partial(self.ended, _T.FAILED, e.code, secrets.redact(e.message, found))
         except HandlerTimedOut as e:  # the handler's own limit: a timeout as the task's is
-            return self.failed(_T.TIMED_OUT, secrets.redact(e.message, found), measured())
+            logs.raised(e, with_traceback=traced)
+            then = partial(self.failed, _T.TIMED_OUT, secrets.redact(e.message, found), measured())
         except RetryableError as e:
-            return self.failed(_T.FAILED, secrets.redact(e.message, found), measured())
+            logs.raised(e, with_traceback=traced)
+            then = partial(self.failed, _T.FAILED, secrets.redact(e.message, found), measured())
         except Exception as e:
             log.warning("handler %s of %s/%s raised %s", task.handler, self.run_id, task.id, type(e).__name__)
-            return self.failed(_T.ERROR, secrets.redact(f"{type(e).__name__}: {e}", found), measured())
-        return self.succeeded(output, measured())
+            logs.raised(e, with_traceback=True)
+            then = partial(
+                self.failed, _T.ERROR, secrets.redact(f"{type(e).__name__}: {e}", found), measured()
+            )
+        self.keep(logs)
+        return then()
+
+    def as_stored(self) -> Outcome:
+        """What Celery gets for an attempt that records nothing: the task's status as stored."""
+        return Outcome(record(self.run_id, self.task.id, current_status(self.rt, self.run_id, self.task.id)))
+
+    def keep(self, logs: LogCapture) -> None:
+        """Store the attempt's logs, before its outcome (a follower that sees the task end
+        finds them), retried as the outcome's write is. Logs never decide an outcome: a
+        write that fails for another reason than the store's absence is logged and left."""
+        streams = logs.close()
+        if not streams:
+            return
+        try:
+            patiently(
+                self.rt, lambda s: repo.add_attempt_logs(s, self.run_id, self.task.id, self.number, streams)
+            )
+        except DatabaseUnavailableError:
+            raise
+        except Exception:
+            log.exception("logs of %s/%s attempt %d not stored", self.run_id, self.task.id, self.number)
 
     def succeeded(self, output: dict[str, Any], metrics: dict[str, float]) -> Outcome:
         """Store the output: ``succeeded``, or ``validating`` when the task has criteria."""
@@ -404,12 +447,21 @@ class _Redacting(logging.Filter):
         super().__init__()
         self.secrets: list[str] = []
 
-    def logger(self, name: str) -> logging.Logger:
+    def logger(self, name: str, capture: logging.Handler | None = None) -> logging.Logger:
         """A logger of this attempt's own under ``name`` (not registered: nothing global
-        changes), whose records pass through this filter, then to ``name``'s handlers."""
+        changes), whose records pass through this filter, then to ``name``'s handlers.
+
+        With ``capture``, records from INFO up also go to it (the attempt's logs), whatever
+        the worker's level; ``name``'s handlers still get only what its level lets through.
+        """
         own = logging.Logger(name)
-        own.parent = logging.getLogger(name)
+        parent = own.parent = logging.getLogger(name)
         own.addFilter(self)
+        if capture is not None:
+            own.setLevel(min(logging.INFO, parent.getEffectiveLevel()))
+            own.propagate = False
+            own.addHandler(capture)
+            own.addHandler(_ToParent(parent))
         return own
 
     def filter(self, entry: logging.LogRecord) -> bool:
@@ -419,3 +471,15 @@ class _Redacting(logging.Filter):
                 text = logging.Formatter().formatException(entry.exc_info)
                 entry.exc_text, entry.exc_info = secrets.redact(text, self.secrets), None
         return True
+
+
+class _ToParent(logging.Handler):
+    """Hands a record on to a logger as if it had been logged there (its level applies)."""
+
+    def __init__(self, parent: logging.Logger) -> None:
+        super().__init__()
+        self.parent = parent
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.parent.isEnabledFor(record.levelno):
+            self.parent.handle(record)

@@ -1,4 +1,5 @@
-"""SQLAlchemy 2 tables of the result store: runs, executions, execution_logs, execution_metrics.
+"""SQLAlchemy 2 tables of the result store: runs, executions, execution_logs, attempt_logs,
+execution_metrics.
 
 The same schema serves PostgreSQL (fleets) and SQLite (embedded mode). Schema changes
 go through Alembic (``taskexec/store/migrations``); ``taskexec db upgrade`` applies them.
@@ -27,7 +28,16 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["Base", "Execution", "ExecutionLog", "ExecutionMetric", "Run", "Schedule", "utcnow"]
+__all__ = [
+    "AttemptLogEntry",
+    "Base",
+    "Execution",
+    "ExecutionLog",
+    "ExecutionMetric",
+    "Run",
+    "Schedule",
+    "utcnow",
+]
 
 # JSONB on PostgreSQL (indexable, compact), plain JSON text on SQLite.
 JsonType = JSON().with_variant(JSONB(), "postgresql")
@@ -169,6 +179,27 @@ class ExecutionLog(Base):
     error_code: Mapped[str | None] = mapped_column(String(8))
     message: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(300))
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class AttemptLogEntry(Base):
+    """One stream of one attempt's logs (stdout, stderr, http, error, log), secrets masked.
+
+    Written by the worker when the attempt ends, just before its outcome; at most
+    ``TASKEXEC_MAX_LOG_BYTES`` per attempt, a cut marked in ``text`` and by ``truncated``.
+    """
+
+    __tablename__ = "attempt_logs"
+    __table_args__ = (Index("ix_attempt_logs_run_task_attempt", "run_id", "task_id", "attempt"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id", ondelete="CASCADE"))
+    task_id: Mapped[str] = mapped_column(String(300))
+    attempt: Mapped[int] = mapped_column(Integer)
+    stream: Mapped[str] = mapped_column(String(20))
+    text: Mapped[str] = mapped_column(Text)
+    truncated: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: When the stream began (its first line, or the exception).
     at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 

@@ -4,11 +4,12 @@ Every function takes a Session and never commits: the caller frames the transact
 (``with store.begin() as session``) and publishes messages only after it commits. By
 what they touch: :mod:`.runs` (run rows), :mod:`.tasks` (task rows: claims, guarded
 status changes), :mod:`.recovery` (what the reconciler looks for: the outbox, due times,
-lost leases). Callers use the one namespace: ``from taskexec.store import repository as
-repo``.
+lost leases), :mod:`.logs` (attempts' logs). Callers use the one namespace:
+``from taskexec.store import repository as repo``.
 """
 
 from taskexec.store.repository.dag import READY, claim_ready, is_dag, unfinished
+from taskexec.store.repository.logs import LogStream, add_attempt_logs, attempt_logs, logged_attempts
 from taskexec.store.repository.recovery import (
     Overdue,
     clear_outbox,
@@ -55,9 +56,12 @@ from taskexec.store.repository.tasks import (
 
 __all__ = [
     "READY",
+    "LogStream",
     "Overdue",
     "TaskState",
+    "add_attempt_logs",
     "add_run",
+    "attempt_logs",
     "bump_epoch",
     "claim_attempt",
     "claim_ready",
@@ -71,6 +75,7 @@ __all__ = [
     "latest_run_id",
     "load_manifest",
     "log_line",
+    "logged_attempts",
     "lost_tasks",
     "mark_outbox",
     "mark_resent",
