@@ -4,14 +4,15 @@ Exit codes: 0 success, 1 a run finished and some task did not succeed, 2 invalid
 3 a service is unreachable. Errors are one line on stderr naming their code; a traceback
 only with ``--debug``. One module per group of commands: :mod:`~taskexec.cli.plans`
 (validate, compile), :mod:`~taskexec.cli.runs` (run, submit, status, results, watch,
-cancel, resume, runs), :mod:`~taskexec.cli.fleet` (worker, db), :mod:`~taskexec.cli.ui` (ui).
+cancel, resume, runs), :mod:`~taskexec.cli.logs` (logs), :mod:`~taskexec.cli.fleet` (worker, db),
+:mod:`~taskexec.cli.ui` (ui).
 """
 
 from __future__ import annotations
 
 import click
 
-from taskexec.cli import decide, fleet, ops, plans, runs, schedule, ui
+from taskexec.cli import decide, fleet, logs, ops, plans, runs, schedule, ui
 
 __all__ = ["main"]
 
@@ -31,6 +32,7 @@ for command in (
     runs.status,
     runs.results,
     runs.watch,
+    logs.logs,
     runs.cancel,
     runs.resume,
     decide.approve,
