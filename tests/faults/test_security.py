@@ -355,7 +355,7 @@ def test_encoded_canaries_reach_no_row_key_event_log_or_report(world: World) -> 
     assert len(events) >= 4, "the subscriber heard the run"
 
     places: dict[str, str] = {}
-    for table in ("runs", "executions", "execution_logs", "execution_metrics"):
+    for table in ("runs", "executions", "execution_logs", "execution_metrics", "attempt_logs"):
         places[f"table {table}"] = json.dumps(
             [list(map(str, row)) for row in sql(world, f"SELECT * FROM {table}")]
         )
@@ -371,6 +371,12 @@ def test_encoded_canaries_reach_no_row_key_event_log_or_report(world: World) -> 
         )  # fmt: skip
         assert shown.returncode in (0, 1) and "leaky" in shown.stdout, shown.stderr
         places[f"{fmt} report"] = shown.stdout
+    shown = subprocess.run(
+        [sys.executable, "-m", "taskexec.cli", "logs", result.run_id, "--json"],
+        env=world.fleet.env, capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert shown.returncode == 0 and '"stream":"stdout"' in shown.stdout, shown.stderr
+    places["taskexec logs"] = shown.stdout
     for where, text in places.items():
         for form, value in forms.items():
             # Stored as text, as JSON (escaped), or as UTF-8 bytes read as Latin-1.
