@@ -495,6 +495,46 @@ def test_logs_of_shell_python_and_http_steps_on_a_fleet(
     assert too_far.returncode == 2 and "E001 --attempt" in too_far.stderr
 
 
+class _Following:
+    """A ``taskexec logs --follow`` process, its stdout read line by line as it comes."""
+
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "taskexec.cli", "logs", *args, "--follow"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def saw(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    def ended(self, timeout: float) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self.reader.join(10)
+        return code
+
+    def close(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        err = self.proc.stderr.read() if self.proc.stderr else ""
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        return err
+
+
 @pytest.mark.integration
 def test_follow_prints_a_line_while_the_task_runs_and_ends_with_it(log_fleet: Fleet, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
@@ -520,42 +560,32 @@ def test_follow_prints_a_line_while_the_task_runs_and_ends_with_it(log_fleet: Fl
     run_id = taskexec("submit", str(path), env=env).stdout.split()[0]
     settings = log_fleet.settings()
     assert isinstance(settings, Settings)
-    follower = subprocess.Popen(
-        [sys.executable, "-m", "taskexec.cli", "logs", run_id, "slow", "--follow"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    early = _Following(env, run_id, "slow")  # from before the task starts
+    late: _Following | None = None
     try:
-        assert follower.stdout is not None
-        lines: list[str] = []
-        reader = threading.Thread(
-            target=lambda: lines.extend(iter(follower.stdout.readline, "")), daemon=True
-        )  # type: ignore[union-attr]
-        reader.start()
-        wait_for(lambda: any("early line" in line for line in lines), timeout=60, what="the early line")
+        wait_for(lambda: early.saw("early line"), timeout=60, what="the early line")
         with Client(settings) as client:
             # The task cannot end before the gate exists: the line came while it ran.
             assert client.status(run_id).tasks[0].status is TaskStatus.RUNNING
-            assert follower.poll() is None
+            assert early.proc.poll() is None
+            # Who joins now, the whole run, as JSON, gets the line printed before it came.
+            late = _Following(env, run_id[:10], "--json")
+            wait_for(lambda: late is not None and late.saw("early line"), timeout=60, what="the backlog")
+            assert client.status(run_id).tasks[0].status is TaskStatus.RUNNING
             gate.touch()
             client.wait(run_id, timeout=60)
-        assert follower.wait(timeout=60) == 0, follower.stderr.read() if follower.stderr else ""
-        reader.join(10)
+        assert early.ended(60) == 0
+        assert late.ended(60) == 0
     finally:
-        if follower.poll() is None:
-            follower.kill()
-            follower.wait(10)
-        for pipe in (follower.stdout, follower.stderr):
-            if pipe is not None:
-                pipe.close()
-    text = "".join(lines)
-    assert (
-        text.count("early line") == 1 and text.count("late line") == 1
-    )  # each once: live, not again from the store
+        errors = early.close() + (late.close() if late is not None else "")
+    assert "Traceback" not in errors, errors
+    text = "".join(early.lines)
+    # Each line once: printed live, not again from the store when the task ended.
+    assert text.count("early line") == 1 and text.count("late line") == 1
     assert text.index("early line") < text.index("late line")
+    records = [AttemptLog.model_validate_json(line) for line in late.lines]
+    assert "".join(r.text for r in records) == "early line\nlate line\n"
+    assert {(r.task_id, r.attempt, r.stream) for r in records} == {("slow", 1, "stdout")}
 
 
 @pytest.mark.integration
