@@ -319,6 +319,27 @@ def test_an_attempt_stores_what_its_handler_logged_and_raised_masked(harness: st
     assert by_stream["log"].at <= by_stream["error"].at
 
 
+def test_a_step_that_times_out_keeps_what_it_printed_until_then(harness: standin.Harness) -> None:
+    script = "import time; print('before the wait', flush=True); time.sleep(30)"
+    run_id = harness.started(
+        f"""
+        tasks:
+          - id: stuck
+            handler: shell
+            retry: {{max_attempts: 1}}
+            params: {{argv: [{sys.executable}, -c, "{script}"], timeout: 1}}
+        """
+    )
+    harness.execute(run_id, "stuck")
+    assert harness.statuses(run_id) == {"stuck": TaskStatus.TIMED_OUT}
+    with harness.svc.store.begin() as s:
+        logs = {e.stream: e.text for e in repo.attempt_logs(s, run_id, "stuck")}
+    assert logs == {
+        "stdout": "before the wait\n",
+        "error": f"HandlerTimedOut: {sys.executable} did not finish in 1 s\n",
+    }
+
+
 def test_the_store_query_filters_and_a_rewrite_replaces(store: Store) -> None:
     plan = parse_plan({"tasks": [{"id": "a", "handler": "stub"}, {"id": "b", "handler": "stub"}]})
     from taskexec.plan.compiler import compile_plan
