@@ -89,6 +89,7 @@ def create_app(board: Board, hub: EventHub, *, auth: Auth | None = None, read_on
     env.filters["q"] = lambda s: quote(str(s), safe="")
     env.filters["ago"] = _ago
     env.filters["ts"] = _ts
+    env.filters["clock"] = _clock
     env.filters["secs"] = _secs
     env.filters["qs"] = _qs
     env.globals.update(
@@ -252,23 +253,21 @@ def create_app(board: Board, hub: EventHub, *, auth: Auth | None = None, read_on
     async def stream(request: Request, key: str) -> StreamingResponse:
         async def events() -> AsyncIterator[str]:
             yield "retry: 2000\n\n"
-            follow = hub.follow(key).__aiter__()
-            pending: asyncio.Task[dict[str, Any]] | None = None
+            queue = hub.subscribe(key)
             try:
                 while not await request.is_disconnected():
-                    pending = pending or asyncio.ensure_future(follow.__anext__())
-                    done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE)
-                    if not done:
+                    try:
+                        event = await asyncio.wait_for(queue.get(), timeout=KEEPALIVE)
+                    except TimeoutError:
                         yield ": keep-alive\n\n"
                         continue
-                    event, pending = pending.result(), None
                     await asyncio.sleep(COALESCE)  # let a burst of changes land in one refresh
+                    while not queue.empty():
+                        event = queue.get_nowait()
                     data = {k: event.get(k) for k in ("run_id", "task_id", "status")}
                     yield f"event: change\ndata: {json.dumps(data)}\n\n"
             finally:
-                if pending is not None:
-                    pending.cancel()
-                await follow.aclose()  # type: ignore[attr-defined]
+                hub.unsubscribe(key, queue)
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
@@ -355,6 +354,10 @@ def _qs(params: dict[str, Any], **changes: Any) -> str:
 
 def _ts(at: datetime | None) -> str:
     return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if at else "—"
+
+
+def _clock(at: datetime | None) -> str:
+    return at.astimezone(UTC).strftime("%H:%M:%S.%f")[:-3] if at else "—"
 
 
 def _ago(at: datetime | None) -> str:

@@ -15,7 +15,6 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator
 from typing import Any
 
 from redis import Redis, RedisError
@@ -83,19 +82,21 @@ class EventHub:
             with contextlib.suppress(RuntimeError):  # the page's loop has closed
                 loop.call_soon_threadsafe(_put, queue, event)
 
-    async def follow(self, run_id: str) -> AsyncIterator[dict[str, Any]]:
-        """Yield a run's events (``ALL``: every run's) as they come, until the caller stops."""
+    def subscribe(self, run_id: str) -> asyncio.Queue[dict[str, Any]]:
+        """A queue receiving a run's events (``ALL``: every run's) in the calling event loop,
+        until :meth:`unsubscribe`."""
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE_SIZE)
-        entry = (asyncio.get_running_loop(), queue)
         with self._lock:
-            self._subscribers.setdefault(run_id, set()).add(entry)
+            self._subscribers.setdefault(run_id, set()).add((asyncio.get_running_loop(), queue))
             self._start()
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            with self._lock:
-                self._subscribers.get(run_id, set()).discard(entry)
+        return queue
+
+    def unsubscribe(self, run_id: str, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        """Stop delivering to ``queue``."""
+        with self._lock:
+            entries = self._subscribers.get(run_id, set())
+            for entry in [e for e in entries if e[1] is queue]:
+                entries.discard(entry)
 
     def close(self) -> None:
         """Stop the subscription thread."""

@@ -213,7 +213,7 @@ class Gantt:
     truncated: bool = False
 
 
-LANE_LABEL_W, PLOT_W, BAR_H = 190, 760, 14
+LANE_LABEL_W, PLOT_W, BAR_H = 190, 1000, 14
 
 
 def gantt(
@@ -229,9 +229,11 @@ def gantt(
     scale = PLOT_W / span
 
     def lane_of(b: Bar) -> str:
-        if by == "stage" or b.worker is None:
-            return f"stage {b.stage}" if by == "stage" or b.kind != "attempt" else "?"
-        return b.worker
+        if by == "stage":
+            return f"stage {b.stage}"
+        if b.kind != "attempt":  # a wait holds no worker
+            return f"waiting (stage {b.stage})"
+        return b.worker or "?"
 
     lanes: dict[str, list[float]] = {}  # label -> per row, the end (s) of its last bar
     placed: list[tuple[str, int, float, float, Bar]] = []
@@ -271,7 +273,11 @@ def gantt(
     return Gantt(out_lanes, out_bars, ticks, LANE_LABEL_W + PLOT_W + 40, y + 10, by, truncated)
 
 
-def _lane_key(label: str) -> tuple[int, str]:
+def _lane_key(label: str) -> tuple[int, int, str]:
+    """Stages in their order, then the waits, then workers by name."""
+    digits = "".join(c for c in label if c.isdigit())
     if label.startswith("stage "):
-        return (0, f"{int(label.removeprefix('stage ')):09d}" if label[6:].isdigit() else label)
-    return (1, label)
+        return (0, int(digits or 0), label)
+    if label.startswith("waiting "):
+        return (1, int(digits or 0), label)
+    return (2, 0, label)

@@ -33,7 +33,9 @@
   if (events && window.EventSource) {
     var source = new EventSource(events);
     source.addEventListener("change", refresh);
-    source.addEventListener("open", function () { body.dataset.live = "open"; });
+    /* What changed between the page's render and the stream's opening (or during a
+       reconnect) came with no event: read the page once more. */
+    source.addEventListener("open", function () { body.dataset.live = "open"; refresh(); });
     window.addEventListener("beforeunload", function () { source.close(); });
   }
 
