@@ -72,6 +72,7 @@ def test_an_attempt_keeps_at_most_its_limit_shared_out_and_marks_the_cut() -> No
     assert cut
     kept, marker = text.rsplit("\n", 1)
     assert kept.startswith("line 0000\nline 0001\n")
+    assert all(len(line) == 9 for line in kept.splitlines())  # cut after a whole line
     assert marker.startswith("… [truncated: ") and marker.endswith(" more]")
     assert "KiB more" in marker
     total = len(kept.encode()) + len("warning: one\n") + len("ValueError: boom\n")

@@ -41,6 +41,8 @@ __all__ = ["FLUSH_SECONDS", "LogCapture", "human_size", "shares"]
 #: Live output is published at most this often (one Redis round trip per batch, not per line).
 FLUSH_SECONDS = 0.05
 _NUL = "\x00"  # PostgreSQL's text refuses it
+#: A cut stream ends at its last whole line when that is at most this many characters back.
+_LINE_SLACK = 1024
 
 
 def human_size(n: int) -> str:
@@ -203,6 +205,9 @@ class LogCapture:
             text = _cut_bytes(masked[name], keep[name])
             cut = len(text.encode()) < len(masked[name].encode()) or s.total_bytes > s.kept_bytes
             if cut:
+                line_end = text.rfind("\n") + 1  # cut after a whole line, when one ends near
+                if line_end and len(text) - line_end <= _LINE_SLACK:
+                    text = text[:line_end]
                 more = max(1, s.total_bytes - len(text.encode()))
                 text = _marked(text, f"… [truncated: {human_size(more)} more]")
             out.append((name, text, cut, s.began))
