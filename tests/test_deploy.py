@@ -424,9 +424,8 @@ def settings_of(env: Mapping[str, str]) -> Settings:
 
 
 def test_compose_has_the_stack() -> None:
-    assert {"redis", "postgres", "migrate", "executor", "validator", "flower", "metrics", "producer"} <= set(
-        services()
-    )
+    stack = {"redis", "postgres", "migrate", "executor", "validator", "flower", "ui", "metrics", "producer"}
+    assert stack <= set(services())
 
 
 def test_every_taskexec_service_runs_a_real_command() -> None:
@@ -580,6 +579,19 @@ def test_flower_has_basic_auth_a_port_and_a_state_file() -> None:
     mounts = [str(v).split(":")[1] for v in flower["volumes"]]
     assert any(state.is_relative_to(m) for m in mounts), f"{state} is not on a volume"
     assert "TASKEXEC_DATABASE_URL" not in env, "Flower needs the broker only"
+
+
+def test_ui_is_behind_auth_and_links_to_flower() -> None:
+    ui = services()["ui"]
+    path, params = taskexec(argv_of(ui)[1:])
+    assert path == ["ui"] and params["port"] == 8765 and not params["read_only"]
+    assert any(str(p).endswith(":8765") for p in ui["ports"])
+    env = environment(ui)
+    assert not is_loopback(params["host"]) and ":" in env["TASKEXEC_UI_AUTH"], "taskexec ui refuses it"
+    raw = compose_raw()["services"]["ui"]["environment"]["TASKEXEC_UI_AUTH"]
+    assert raw.startswith("${UI_AUTH"), "the credentials come from .env"
+    assert settings_of(env).flower_url
+    assert {"TASKEXEC_BROKER_URL", "TASKEXEC_DATABASE_URL"} <= set(env)
 
 
 def test_producer_profile_submits_the_quickstart() -> None:
@@ -831,6 +843,23 @@ def test_flower_is_behind_basic_auth() -> None:
     assert ports[service["spec"]["ports"][0]["targetPort"]] == params["port"]
 
 
+def test_ui_deployment_is_behind_auth() -> None:
+    doc = of_kind("Deployment")["taskexec-ui"]
+    path, params = taskexec(k8s_argv(doc)[1:])
+    assert path == ["ui"]
+    env = container_env(doc)
+    assert not is_loopback(params["host"]) and ":" in env["TASKEXEC_UI_AUTH"]
+    assert {"TASKEXEC_BROKER_URL", "TASKEXEC_DATABASE_URL"} <= set(env)
+    (service,) = (
+        s
+        for s in of_kind("Service").values()
+        if s["spec"]["selector"] == doc["spec"]["selector"]["matchLabels"]
+    )
+    ports = {p["name"]: p["containerPort"] for p in container(doc)["ports"]}
+    assert ports[service["spec"]["ports"][0]["targetPort"]] == params["port"]
+    assert container(doc)["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
 def test_metrics_deployment() -> None:
     doc = of_kind("Deployment")["taskexec-metrics"]
     path, params = taskexec(k8s_argv(doc)[1:])
@@ -872,6 +901,7 @@ def test_deploy_readme_covers_operations() -> None:
         "visibility",
         "Sizing",
         "taskexec flower",
+        "taskexec ui",
         "taskexec metrics",
     ):
         assert topic in text, topic

@@ -299,6 +299,8 @@ def test_auth_basic_and_tenant_tokens(store: Store) -> None:
     wrong = "Basic " + base64.b64encode(b"ana:nope").decode()
     with TestClient(create_app(board, EventHub(None), auth=auth)) as c:
         assert c.get("/").status_code == 401
+        assert c.get("/healthz").json() == {"ok": True}  # the probe needs no credentials
+        assert c.get("/static/ui.js").status_code == 200
         assert c.get("/", headers={"Authorization": wrong}).status_code == 401
         assert c.get("/api/v1/runs", headers={"Authorization": "Bearer nope"}).status_code == 401
         assert c.get("/", headers={"Authorization": basic}).status_code == 200

@@ -99,8 +99,8 @@ def create_app(board: Board, hub: EventHub, *, auth: Auth | None = None, read_on
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if request.url.path.startswith("/static/"):
-            return await call_next(request)
+        if request.url.path.startswith("/static/") or request.url.path == "/healthz":
+            return await call_next(request)  # assets and the liveness probe need no credentials
         if auth.enabled:
             access = auth.check(request.headers.get("authorization"))
             if access is None:
@@ -171,6 +171,11 @@ def create_app(board: Board, hub: EventHub, *, auth: Auth | None = None, read_on
 
     def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Awaitable[Any]:
         return run_in_threadpool(fn, *args, **kwargs)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, bool]:
+        """Liveness for container probes: the process serves (it reads nothing)."""
+        return {"ok": True}
 
     # ---------------- pages ----------------
 
