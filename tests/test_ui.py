@@ -145,6 +145,12 @@ def test_the_task_drawer_shows_every_attempt_and_error(h: Harness) -> None:
         # Inputs and who produced them.
         score = c.get(f"/runs/{run_id}/tasks/score%5B1%5D", headers={"X-Fragment": "drawer"}).text
         assert 'data-task="prepare"' in score and "model" in score
+        # Each attempt's logs (`taskexec logs`): the stub's failure, per attempt.
+        assert html.count('<details class="logs"') == 2 and "behavior failure" in html.split('id="logs"')[1]
+        logs = c.get(f"/api/v1/runs/{run_id}/tasks/broken/logs").json()
+        assert [(e["attempt"], e["stream"]) for e in logs] == [(1, "error"), (2, "error")]
+        assert c.get(f"/api/v1/runs/{run_id}/tasks/broken/logs", params={"attempt": 2}).json() == logs[1:]
+        assert c.get(f"/api/v1/runs/{run_id}/tasks/nope/logs").status_code == 404
         attempts = c.get(f"/api/v1/runs/{run_id}/tasks/broken/attempts").json()
         assert [a["attempt"] for a in attempts] == [1, 2]
         assert all(a["worker"] == "standin:1" and a["status"] in ("retrying", "failed") for a in attempts)

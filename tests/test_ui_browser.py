@@ -156,6 +156,8 @@ def test_a_run_followed_live_decided_from_the_page(client: Client, dashboard: st
     assert "E005" in page.inner_text("#drawer-error")
     assert page.inner_text("#attempts").count(f"{socket.gethostname()}:") == 2  # host:pid of each worker
     assert page.locator("#attempts a[href*='127.0.0.1:5555/task/']").count() == 2
+    assert page.locator("#logs details.logs").count() == 2  # each attempt's logs (`taskexec logs`)
+    assert "behavior failure" in page.inner_text("#logs details[open]")
     assert page.url == f"{dashboard}/runs/{run_id}"  # the drawer opened in place
     page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(IMAGES / "ui-drawer.png"))

@@ -114,6 +114,16 @@ def api_router(
         view = await call(board.task, access, run_id, task_id)
         return [_attempt(a) for a in view.attempts]
 
+    @api.get("/runs/{run_ref}/tasks/{task_id:path}/logs")
+    async def task_logs(
+        request: Request, run_ref: str, task_id: str, attempt: int | None = None
+    ) -> list[dict[str, Any]]:
+        """What each attempt printed or logged (``taskexec logs``): stdout, stderr, http, error, log."""
+        access: Access = request.state.access
+        run_id = await call(board.resolve, access, run_ref)
+        entries = await call(board.logs, access, run_id, task_id, attempt)
+        return [e.model_dump(mode="json") for e in entries]
+
     @api.get("/runs/{run_ref}/tasks/{task_id:path}")
     async def get_task(request: Request, run_ref: str, task_id: str) -> dict[str, Any]:
         """One task: its result, definition, attempts and inputs' producers."""

@@ -17,7 +17,7 @@ from redis import RedisError
 
 from taskexec.client import Client
 from taskexec.errors import InvalidInputError, ServiceUnavailableError
-from taskexec.models import FlowState, ManifestTask, RunManifest, RunSummary, TaskResult
+from taskexec.models import AttemptLog, FlowState, ManifestTask, RunManifest, RunSummary, TaskResult
 from taskexec.run.messages import message_id
 from taskexec.services import Services
 from taskexec.settings import Settings
@@ -59,6 +59,8 @@ class TaskView:
     attempts: list[q.Attempt]
     producers: dict[str, list[str]] = field(default_factory=dict)
     flower: str | None = None
+    #: Per attempt, what it printed or logged (``taskexec logs``), secrets masked.
+    logs: dict[int, list[AttemptLog]] = field(default_factory=dict)
 
 
 class Board:
@@ -165,6 +167,9 @@ class Board:
             result = results.task_result(s, run_id, task_id)
             compiled = compiled_run(s, run_id)
             attempts = q.attempts(s, run_id, task_id)
+            logs: dict[int, list[AttemptLog]] = {}
+            for entry in repo.attempt_logs(s, run_id, task_id):
+                logs.setdefault(entry.attempt, []).append(entry)
             epoch = run.epoch
         definition = compiled.tasks.get(task_id)
         names = [i if isinstance(i, str) else i.from_ for i in (definition.inputs if definition else [])]
@@ -172,7 +177,13 @@ class Board:
         flower = None
         if self.settings.flower_url:
             flower = f"{self.settings.flower_url.rstrip('/')}/task/{message_id(run_id, task_id, epoch)}"
-        return TaskView(run_id, result, definition, attempts, producers, flower)
+        return TaskView(run_id, result, definition, attempts, producers, flower, logs)
+
+    def logs(self, access: Access, run_id: str, task_id: str, attempt: int | None = None) -> list[AttemptLog]:
+        """What a task's attempts (or one of them) printed or logged, as ``taskexec logs`` shows it."""
+        with self.store.begin() as s:
+            q.run_row(s, run_id, access.tenant)
+            return repo.attempt_logs(s, run_id, task_id, attempt)
 
     def timeline(self, access: Access, run_id: str, *, limit: int = 2000) -> tuple[list[q.Bar], bool]:
         """A run's attempts and waits as bars."""
