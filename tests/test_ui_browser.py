@@ -10,7 +10,12 @@ run ends and the runs list says so. Screenshots of the pages go to ``docs/images
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +26,7 @@ import pytest
 
 from taskexec import Client, RunStatus, TaskStatus, parse_plan
 from taskexec.models import ErrorCode, ManifestTask, RunManifest
+from taskexec.schedules import add_schedule, list_schedules, remove_schedule
 from taskexec.settings import Settings
 from taskexec.store import repository as repo
 from taskexec.ui import serve_in_background
@@ -250,3 +256,60 @@ def test_an_embedded_runs_events_reach_the_dashboard(tmp_path: Path, monkeypatch
             assert client.wait(run_id, timeout=60).status is RunStatus.SUCCEEDED
         finally:
             stop()
+
+
+def test_the_fleet_page_lists_workers_queues_and_toggles_a_schedule(client: Client, dashboard: str) -> None:
+    with client.store.begin() as s:
+        info = add_schedule(
+            s, client.manifests(parse_plan(PLAN)), every_seconds=3600, schedule_id="hourly-ui"
+        )
+    assert info.id == "hourly-ui"
+    with httpx.Client(base_url=dashboard, timeout=30) as http:
+        page = http.get("/fleet")
+        assert page.status_code == 200
+        workers = re.findall(r'<tr><td class="mono">([^<]+)</td><td>([^<]*)</td>', page.text)
+        names = {name.split("@")[0]: queues for name, queues in workers}
+        assert names["exec"] == "control, executor" and names["val"] == "control, validator"
+        queues = dict(re.findall(r"<tr><td>(executor|validator|control)</td><td>(\d+)</td></tr>", page.text))
+        assert set(queues) == {"executor", "validator", "control"}
+        assert "hourly-ui" in page.text and "Disable" in page.text
+        token = re.search(r'name="csrf-token" content="([^"]+)"', page.text)
+        assert token
+        done = http.post("/schedules/hourly-ui/disable", data={"csrf": token[1]})
+        assert done.status_code == 303
+    with client.store.begin() as s:
+        assert not {i.id: i for i in list_schedules(s)}["hourly-ui"].enabled
+        remove_schedule(s, "hourly-ui")
+
+
+def test_taskexec_ui_serves_an_embedded_home_and_stops_on_term(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKEXEC_")}
+    env.update(TASKEXEC_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "taskexec.cli", "ui", "--port", "0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        found = re.match(r"taskexec dashboard: (http://127\.0\.0\.1:\d+/)", line)
+        assert found, (line, proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+        with httpx.Client(base_url=found[1], timeout=30) as http:
+            page = http.get("/")
+            assert page.status_code == 200 and "No runs match." in page.text
+            assert "Cancel run" not in page.text  # no fleet: nothing to act on
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=5)
+    # uvicorn shuts down gracefully, then ends by the signal it caught (128 + 15 for a shell).
+    assert proc.returncode in (0, -signal.SIGTERM), err
+    assert "Traceback" not in err
