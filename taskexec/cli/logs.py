@@ -67,6 +67,10 @@ def logs(run: RunRef, task_id: str | None, attempt: int | None, follow: bool, as
                     _no_such_attempt(client, run_id, task_id, attempt)
                 for entry in found:
                     show(entry)
+                if not found:
+                    of = f"task {task_id!r} of " if task_id is not None else ""
+                    which = f"attempt {attempt} of " if attempt is not None else ""
+                    click.echo(f"taskexec: no logs stored for {which}{of}run {run_id} (yet)", err=True)
         except KeyboardInterrupt:
             click.echo(view.end(), nl=False)
             click.echo(f"taskexec: stopped following {run_id}; the run goes on", err=True)
