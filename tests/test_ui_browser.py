@@ -25,9 +25,13 @@ import httpx
 import pytest
 
 from taskexec import Client, RunStatus, TaskStatus, parse_plan
+from taskexec.celery_app import close_app
+from taskexec.celery_app import create_app as create_celery_app
 from taskexec.models import ErrorCode, ManifestTask, RunManifest
 from taskexec.schedules import add_schedule, list_schedules, remove_schedule
+from taskexec.services import Services
 from taskexec.settings import Settings
+from taskexec.store import Store
 from taskexec.store import repository as repo
 from taskexec.ui import serve_in_background
 from tests.conftest import ROOT, Fleet, make_fleet_env, wait_for
@@ -313,3 +317,18 @@ def test_taskexec_ui_serves_an_embedded_home_and_stops_on_term(tmp_path: Path) -
     # uvicorn shuts down gracefully, then ends by the signal it caught (128 + 15 for a shell).
     assert proc.returncode in (0, -signal.SIGTERM), err
     assert "Traceback" not in err
+
+
+def test_a_stop_ends_open_event_streams(store: Store) -> None:
+    """`serve_in_background`'s stop does not wait for the browsers: open streams are ended."""
+    settings = Settings(database_url=str(store.url))
+    app = create_celery_app(settings)
+    try:
+        url, stop = serve_in_background(Services(settings, app, store, None))
+        with httpx.Client(base_url=url, timeout=30) as http, http.stream("GET", "/events") as stream:
+            assert next(stream.iter_lines()).startswith("retry:")
+            stop()
+        with pytest.raises(httpx.ConnectError), httpx.Client(base_url=url, timeout=5) as http:
+            http.get("/healthz")
+    finally:
+        close_app(app)

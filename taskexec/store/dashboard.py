@@ -328,12 +328,6 @@ def timeline(session: Session, run_id: str, *, limit: int = 2000) -> tuple[list[
     wait from ``retrying`` to the next ``queued``/``running``; an approval wait from
     ``waiting_approval`` to the decision.
     """
-    stages: dict[str, int] = {
-        t: n
-        for t, n in session.execute(
-            select(Execution.task_id, Execution.stage).where(Execution.run_id == run_id)
-        )
-    }
     logs = (
         select(
             ExecutionLog.task_id,
@@ -341,33 +335,35 @@ def timeline(session: Session, run_id: str, *, limit: int = 2000) -> tuple[list[
             ExecutionLog.to_status,
             ExecutionLog.worker,
             ExecutionLog.at,
+            Execution.stage,
         )
-        .where(
-            ExecutionLog.run_id == run_id,
-            ExecutionLog.task_id.is_not(None),
-            ExecutionLog.event == "transition",
+        .join(
+            Execution,
+            and_(Execution.run_id == ExecutionLog.run_id, Execution.task_id == ExecutionLog.task_id),
         )
+        .where(ExecutionLog.run_id == run_id, ExecutionLog.event == "transition")
         .order_by(ExecutionLog.id)
     )
     waits = {TaskStatus.RETRYING.value: "retry_wait", TaskStatus.WAITING_APPROVAL.value: "approval_wait"}
-    open_: dict[str, tuple[str, int, str | None, datetime]] = {}  # task -> (kind, attempt, worker, start)
+    # task -> (kind, attempt, worker, start, stage)
+    open_: dict[str, tuple[str, int, str | None, datetime, int]] = {}
     bars: list[Bar] = []
-    for task_id, attempt, to, worker, at in session.execute(logs):
+    for task_id, attempt, to, worker, at, stage in session.execute(logs):
         if task_id is None or to is None or to == TaskStatus.VALIDATING.value:
-            continue
+            continue  # (the join leaves out the run's own lines: their task_id is NULL)
         prev = open_.pop(task_id, None)
         if prev is not None:
-            kind, n, w, start = prev
-            bars.append(Bar(task_id, stages.get(task_id, 0), n, w, kind, to, start, at))
+            kind, n, w, start, _ = prev
+            bars.append(Bar(task_id, stage, n, w, kind, to, start, at))
             if len(bars) > limit:
                 return sorted(bars[:limit], key=lambda b: b.start), True
         if to == TaskStatus.RUNNING.value:
-            open_[task_id] = ("attempt", attempt, worker, at)
+            open_[task_id] = ("attempt", attempt, worker, at, stage)
         elif to in waits:
-            open_[task_id] = (waits[to], attempt, None, at)
-    for task_id, (kind, n, w, start) in open_.items():
+            open_[task_id] = (waits[to], attempt, None, at, stage)
+    for task_id, (kind, n, w, start, stage) in open_.items():
         status = TaskStatus.RUNNING.value if kind == "attempt" else kind
-        bars.append(Bar(task_id, stages.get(task_id, 0), n, w, kind, status, start, None))
+        bars.append(Bar(task_id, stage, n, w, kind, status, start, None))
     bars.sort(key=lambda b: b.start)
     return bars[:limit], len(bars) > limit
 

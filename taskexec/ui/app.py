@@ -50,6 +50,9 @@ __all__ = ["create_app"]
 _HERE = Path(__file__).parent
 #: Seconds between keep-alive comments on an open event stream (proxies close silent ones).
 KEEPALIVE = 15.0
+#: Most bars the run page's timeline draws (the first ones, by start): beyond that an SVG
+#: costs the browser more than it shows.
+TIMELINE_BARS = 1000
 #: Least time between two "refresh" events sent to one page (a burst of changes is one refresh).
 COALESCE = 0.25
 
@@ -208,7 +211,7 @@ def create_app(board: Board, hub: EventHub, *, auth: Auth | None = None, read_on
             manifest = await call(board.manifest, access, run_id)
             graph = layout.graph(rows, {t.id: t for t in manifest.tasks}, expanded)
         by = "stage" if qp.get("by") == "stage" else "worker"
-        bars, cut = await call(board.timeline, access, run_id)
+        bars, cut = await call(board.timeline, access, run_id, limit=TIMELINE_BARS)
         tstatus, search = qp.get("tstatus") or None, qp.get("q") or None
         offset = _int(qp.get("offset"), 0)
         tasks = await call(
@@ -270,6 +273,8 @@ def create_app(board: Board, hub: EventHub, *, auth: Auth | None = None, read_on
                     while not queue.empty():
                         event = queue.get_nowait()
                     data = {k: event.get(k) for k in ("run_id", "task_id", "status")}
+                    if key == ALL and request.state.access.tenant is not None:
+                        data = {}  # a tenant's page refreshes, and learns nothing of other tenants' runs
                     yield f"event: change\ndata: {json.dumps(data)}\n\n"
             finally:
                 hub.unsubscribe(key, queue)

@@ -26,6 +26,8 @@ __all__ = ["Dashboard", "dashboard_for", "serve", "serve_in_background"]
 
 #: Seconds uvicorn has to start listening before the start counts as failed.
 START_TIMEOUT = 15.0
+#: Seconds open requests (event streams) get to end when the server stops.
+GRACE = 3
 
 
 @dataclass
@@ -71,7 +73,16 @@ def dashboard_for(settings: Settings) -> Dashboard:
 
 def _server(dash: Dashboard, host: str, port: int, read_only: bool, auth: Auth) -> uvicorn.Server:
     app = create_app(dash.board, dash.hub, auth=auth, read_only=read_only)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", access_log=False)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        access_log=False,
+        # Open event streams never end on their own: a stop must not wait for the browsers.
+        timeout_graceful_shutdown=GRACE,
+    )
     return uvicorn.Server(config)
 
 
