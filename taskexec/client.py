@@ -28,6 +28,7 @@ from taskexec.celery_app import close_app, create_app, redis_url
 from taskexec.errors import (
     BrokerUnavailableError,
     HandlerNotAllowedError,
+    InvalidInputError,
     PlanError,
     RunNotFoundError,
     WaitTimeoutError,
@@ -47,6 +48,7 @@ from taskexec.models import (
 )
 from taskexec.plan import Plan
 from taskexec.plan.compiler import compile_plan
+from taskexec.plan.params import with_params
 from taskexec.run import producer
 from taskexec.run.ratelimit import RateLimiter, Slots, bucket_key, slots_key
 from taskexec.services import Services
@@ -242,18 +244,25 @@ class Client:
         tenant: str | None = None,
         labels: dict[str, str] | None = None,
         variant: str | None = None,
+        params: dict[str, Any] | None = None,
+        execution: str | None = None,
     ) -> RunHandle:
         """Submit one run: a manifest, or a plan with one variant (or ``variant`` named).
 
+        ``params`` override the plan's run parameters (``params:``), e.g.
+        ``client.submit(plan, params={"model": "gpt-4o"})``; the run stores what it used.
+        ``execution`` (``"stages"`` or ``"dag"``) overrides the plan's ``execution:``.
+
         Raises:
-            PlanError: The plan is invalid, or has several variants and none was named.
+            PlanError: The plan is invalid, has several variants and none was named, or a
+                param is unknown or of the wrong type (E001 naming it).
         """
         manifests = self.manifests(plan, variant)
         if len(manifests) != 1:
             raise PlanError(
                 f"the plan has {len(manifests)} variants: name one, or use submit_all", path="variant"
             )
-        return self.submit_all(manifests, tenant=tenant, labels=labels)[0]
+        return self.submit_all(manifests, tenant=tenant, labels=labels, params=params, execution=execution)[0]
 
     def submit_all(
         self,
@@ -261,9 +270,20 @@ class Client:
         *,
         tenant: str | None = None,
         labels: dict[str, str] | None = None,
+        params: dict[str, Any] | None = None,
+        execution: str | None = None,
     ) -> list[RunHandle]:
-        """Submit one run per variant of a plan (or per manifest given)."""
+        """Submit one run per variant of a plan (or per manifest given), with ``params``
+        overriding the plan's run parameters (checked for every manifest before any is sent)
+        and ``execution`` (``"stages"`` or ``"dag"``) the plan's ``execution:``."""
         manifests = plan if isinstance(plan, list) else self.manifests(plan)
+        manifests = [with_params(m, params) for m in manifests]
+        if execution is not None:
+            if execution not in ("stages", "dag"):
+                raise InvalidInputError(
+                    f"execution is 'stages' or 'dag', not {execution!r}", path="execution"
+                )
+            manifests = [m.model_copy(update={"execution": execution}) for m in manifests]
         self.store.check()
         handles = []
         for m in manifests:

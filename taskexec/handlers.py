@@ -275,6 +275,26 @@ BUILTIN_PARAMS: dict[str, type[BaseModel]] = {
 }
 
 
+def output_keys(name: str, params: dict[str, Any]) -> frozenset[str] | None:
+    """The keys of a built-in handler's output, when they are known before it runs; else ``None``.
+
+    >>> sorted(output_keys("shell", {"argv": ["true"]}))
+    ['exit_code', 'stderr', 'stdout']
+    >>> output_keys("shell", {"argv": ["true"], "parse_json": True}) is None
+    True
+    """
+    if name == "shell":
+        return None if params.get("parse_json") else frozenset({"exit_code", "stdout", "stderr"})
+    if name == "http":
+        return frozenset({"status_code", "headers", "json", "text"})
+    if name == "stub":
+        output = params.get("output")
+        if output is None:
+            return frozenset({"task_id", "attempt"})
+        return frozenset(output) if isinstance(output, dict) else None
+    return None
+
+
 def params_model(name: str) -> type[BaseModel] | None:
     """The params model of the handler ``name``: a built-in's, or one registered with it;
     ``None`` (not checked) for ``python:`` handlers and handlers without one."""

@@ -25,10 +25,12 @@ __all__ = [
     "Criterion",
     "ErrorCode",
     "FlowState",
+    "InputRef",
     "LimitState",
     "ManifestTask",
     "MatrixInfo",
     "Notify",
+    "ParamSpec",
     "PathCriterion",
     "RateLimit",
     "RetryPolicy",
@@ -120,6 +122,59 @@ def _is_none(value: Any) -> bool:
     return value is None
 
 
+def _is_empty(value: Any) -> bool:
+    return not value
+
+
+#: A run parameter's declared type -> the Python types its values may have.
+PARAM_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "list": (list,),
+    "object": (dict,),
+}
+
+
+class ParamSpec(_Frozen):
+    """A run parameter a plan declares: its type and default (none: the submitter must give it)."""
+
+    type: Literal["string", "int", "float", "bool", "list", "object"] | None = None
+    default: Any = None
+    required: bool = False
+    description: str | None = Field(None, exclude_if=_is_none)
+
+
+class InputRef(_Frozen):
+    """An input that selects part of an upstream artifact and may rename it.
+
+    ``{from: scores, path: json.items, as: items}``: the handler gets ``items``, the value at
+    ``json.items`` of the ``scores`` artifact (of every case's output, for a matrix task's).
+    """
+
+    from_: str = Field(alias="from", min_length=1)
+    path: str | None = Field(None, min_length=1)
+    as_: str | None = Field(None, alias="as", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,199}$")
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    @property
+    def name(self) -> str:
+        """The name the handler receives the value under."""
+        return self.as_ or self.from_
+
+
+def artifact_of(entry: str | InputRef) -> str:
+    """The upstream artifact an ``inputs`` entry reads."""
+    return entry if isinstance(entry, str) else entry.from_
+
+
+def input_name(entry: str | InputRef) -> str:
+    """The name under which an ``inputs`` entry reaches the handler."""
+    return entry if isinstance(entry, str) else entry.name
+
+
 class ManifestTask(_Frozen):
     """One atomic task of a run manifest, with its resolved policy."""
 
@@ -128,7 +183,7 @@ class ManifestTask(_Frozen):
     depends_on: list[str] = Field(default_factory=list)
     handler: str
     params: dict[str, Any] = Field(default_factory=dict)
-    inputs: list[str] = Field(default_factory=list)
+    inputs: list[str | InputRef] = Field(default_factory=list)
     output: str | None = None
     timeout: float = Field(60.0, gt=0)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
@@ -180,6 +235,10 @@ class RunManifest(_Frozen):
     concurrency: int | None = Field(None, ge=1, description="tasks of the run executing at once, fleet-wide")
     notify: list[Notify] = Field(default_factory=list)
     matrices: list[MatrixInfo] = Field(default_factory=list)
+    #: The run parameters the plan declares (``params:``).
+    params: dict[str, ParamSpec] = Field(default_factory=dict, exclude_if=_is_empty)
+    #: Their values for this run: the defaults, with the submitter's overrides applied.
+    param_values: dict[str, Any] = Field(default_factory=dict, exclude_if=_is_empty)
     #: How tasks are released: ``stages`` (one stage after another, a barrier between) or
     #: ``dag`` (each task as soon as its own upstream tasks have ended).
     execution: Literal["stages", "dag"] = "stages"
@@ -209,6 +268,9 @@ class TaskResult(_Frozen):
     throttled: int = Field(0, description="times the task waited for a rate-limit token or a slot")
     case: dict[str, Any] | None = Field(
         None, description="the matrix case's values (parameter name to value); None outside a matrix"
+    )
+    params: dict[str, Any] | None = Field(
+        None, description="the handler params of the latest attempt as rendered (templates filled in)"
     )
     error_code: ErrorCode | None = None
     error_message: str | None = None
@@ -310,6 +372,8 @@ class RunSummary(_Frozen):
 class RunResult(RunSummary):
     """A run with the results of all its tasks, in stage order."""
 
+    #: The run's parameters (the plan's ``params:`` with the submitter's overrides).
+    params: dict[str, Any] = Field(default_factory=dict)
     error_message: str | None = None
     tasks: list[TaskResult] = Field(default_factory=list)
 

@@ -412,6 +412,11 @@ def render_table(result: RunResult, console: Console, *, limit: int = 200) -> No
     # The summary above the table, not as its title: a title wraps at the table's width.
     for line in summary_lines(result, min(SUMMARY_WIDTH, console.width)):
         console.print(line, style=style, highlight=False, soft_wrap=True)
+    if result.params:
+        shown = " ".join(
+            f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in result.params.items()
+        )
+        console.print(Text.assemble(("params: ", "bold"), shown), highlight=False, soft_wrap=True)
     console.print(table)
     if len(result.tasks) > limit:
         console.print(f"… {len(result.tasks) - limit} more tasks (use --format json for all)")

@@ -16,10 +16,15 @@ ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
 
-def test_the_readme_plan_compiles() -> None:
-    [block] = re.findall(r"```yaml\n(.*?)```", README, re.S)
-    manifests = compile_plan(parse_plan(block), Settings())
+def test_the_readme_plans_compile() -> None:
+    plan, params = re.findall(r"```yaml\n(.*?)```", README, re.S)
+    manifests = compile_plan(parse_plan(plan), Settings())
     assert [m.variant for m in manifests] == ["baseline", "new-prompt"]
+    # The params example is examples/params.yaml, which tests/test_params_cli.py runs.
+    example = (ROOT / "examples" / "params.yaml").read_text()
+    assert params.strip() in example, "the README's params example differs from examples/params.yaml"
+    [m] = compile_plan(parse_plan(params), Settings())
+    assert m.param_values == {"greeting": "Hello", "repeat": 2}
 
 
 def test_every_command_the_readme_names_exists() -> None:

@@ -114,8 +114,14 @@ def test_shell_gets_inputs_on_stdin_and_params_in_the_environment() -> None:
         {"data": [1, 2]},
         ctx(attempt=2),
     )
-    assert out["exit_code"] == 0 and out["stderr"] == ""
-    assert out["json"] == [{"data": [1, 2]}, {"model": "m1"}, "2", "hi"]
+    # parse_json: the JSON on stdout is the output (a non-object value under "value").
+    assert out == {"value": [{"data": [1, 2]}, {"model": "m1"}, "2", "hi"]}
+
+
+def test_shell_parse_json_object_is_the_output_itself() -> None:
+    code = "import json; print(json.dumps({'rows': 3, 'items': [1, 2]}))"
+    out = resolve("shell", SETTINGS)({"argv": [PY, "-c", code], "parse_json": True}, {}, ctx())
+    assert out == {"rows": 3, "items": [1, 2]}
 
 
 def test_shell_never_passes_taskexec_settings_to_the_command(monkeypatch: pytest.MonkeyPatch) -> None:

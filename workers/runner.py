@@ -28,8 +28,9 @@ from typing import Any
 from redis import RedisError
 from sqlalchemy.orm import Session
 
-from taskexec.errors import CriteriaError, RunNotFoundError
+from taskexec.errors import CriteriaError, PlanError, RunNotFoundError
 from taskexec.models import Change, ErrorCode, ManifestTask, RunManifest, TaskStatus
+from taskexec.plan import templates
 from taskexec.run import events, faultpoints
 from taskexec.run.liveness import alive
 from taskexec.run.ratelimit import bucket_key, holder, slots_key
@@ -93,7 +94,7 @@ def execute(rt: Runtime, run_id: str, task_id: str, *, detached: bool = False) -
             )
             stopped = [change] if change else []
         # The usual case, a queued task with no limit to ask: claimed in this transaction.
-        claimed: tuple[int | None, dict[str, Any]] | None = None
+        claimed: Claim | None = None
         due = state.status is _T.QUEUED or (
             state.status is _T.RETRYING and (state.not_before is None or state.not_before <= now)
         )
@@ -143,13 +144,46 @@ def execute(rt: Runtime, run_id: str, task_id: str, *, detached: bool = False) -
     return _start(rt, run_id, task, state, claimed, slot, detached)
 
 
+#: A claim: the attempt (``None``: another copy got it), the inputs, and the task with its
+#: params rendered, or why they could not be (an E001 message).
+Claim = tuple[int | None, dict[str, Any], ManifestTask | str]
+
+
 def _claim(
     rt: Runtime, s: Session, cr: CompiledRun, run_id: str, task: ManifestTask, *, takeover: int | None
-) -> tuple[int | None, dict[str, Any]]:
-    """Claim the task's next attempt under a lease; the attempt (``None``: not claimed), inputs."""
+) -> Claim:
+    """Claim the task's next attempt under a lease, read its inputs and render its params.
+
+    The rendered params go to the store in the claim's transaction (secrets are resolved
+    later, from their variables, and never rendered): ``status`` shows what the handler got.
+    """
     until = utcnow() + timedelta(seconds=rt.settings.lease_seconds)
     attempt = repo.claim_attempt(s, run_id, task.id, rt.worker, lease_until=until, takeover_from=takeover)
-    return attempt, resolve_inputs(s, cr, run_id, task) if attempt else {}
+    if not attempt:
+        return None, {}, task
+    try:
+        inputs = resolve_inputs(s, cr, run_id, task)
+        if not task.params or not templates.has_templates(task.params):
+            return attempt, inputs, task
+        context = {
+            "params": cr.manifest.param_values,
+            "case": task.case or {},
+            "inputs": inputs,
+            "run": {"id": run_id},
+            "task": {"id": task.id, "attempt": attempt},
+        }
+        params = templates.render(task.params, context)
+    except PlanError as e:
+        return attempt, {}, str(e)
+    except templates.TemplateProblem as e:
+        where = f"{task.source}.{e.where}" if task.source else e.where
+        return (
+            attempt,
+            {},
+            f"{ErrorCode.VALIDATION.value} {where}: task {task.id!r}: {e.expression.strip()}: {e.reason}",
+        )
+    repo.record_params(s, run_id, task.id, params)
+    return attempt, inputs, task.model_copy(update={"params": params})
 
 
 def _start(
@@ -157,19 +191,22 @@ def _start(
     run_id: str,
     task: ManifestTask,
     state: repo.TaskState,
-    claimed: tuple[int | None, dict[str, Any]],
+    claimed: Claim,
     slot: str | None,
     detached: bool,
 ) -> Outcome:
     """Run a claimed attempt (or wait for the copy that claimed it)."""
-    number, inputs = claimed
+    number, inputs, ready = claimed
     if number is None:
         _release(rt, slot, task.id)
         return _wait_for_the_claimer(rt, run_id, task.id)
     faultpoints.reached("execute.claimed")
     events.publish(rt.redis, [Change(run_id, task.id, _T.RUNNING.value, number)])
     try:
-        return Attempt(rt, run_id, task, number, state.retry_base, detached).run(inputs, slot)
+        if isinstance(ready, str):  # its inputs or params could not be made: no handler runs
+            attempt = Attempt(rt, run_id, task, number, state.retry_base, detached)
+            return attempt.ended(_T.FAILED, ErrorCode.VALIDATION, ready.removeprefix("E001 "))
+        return Attempt(rt, run_id, ready, number, state.retry_base, detached).run(inputs, slot)
     finally:
         _release(rt, slot, task.id)
 

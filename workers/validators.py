@@ -29,9 +29,9 @@ from taskexec.errors import CriteriaError
 from taskexec.handlers import registered_validator, validator
 from taskexec.models import Criterion, PathCriterion, ValidatorCriterion
 
-__all__ = ["CriterionResult", "evaluate", "lookup"]
+__all__ = ["MISSING", "CriterionResult", "evaluate", "lookup"]
 
-_MISSING = object()
+MISSING = _MISSING = object()  # what lookup returns for a path that is not there
 
 _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
     ">": operator.gt,

@@ -20,7 +20,7 @@ from taskexec.errors import (
     TaskexecError,
 )
 from taskexec.models import RunManifest, RunResult, RunStatus
-from taskexec.plan import load_plan
+from taskexec.plan import load_plan, params
 from taskexec.plan.compiler import compile_plan
 from taskexec.settings import Settings
 
@@ -85,6 +85,33 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
 def manifests(plan_path: str, settings: Settings, variant: str | None = None) -> list[RunManifest]:
     """Load and compile a plan file."""
     return compile_plan(load_plan(plan_path), settings, variant=variant)
+
+
+def params_options(fn: Callable[..., R]) -> Callable[..., R]:
+    """``--param NAME=VALUE`` (repeatable) and ``--params-file FILE``: the run parameters."""
+    fn = click.option(
+        "--params-file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Run parameters from a JSON or YAML object (--param wins over it).",
+    )(fn)
+    return click.option(
+        "--param",
+        "param_pairs",
+        multiple=True,
+        metavar="NAME=VALUE",
+        help="Set a run parameter the plan declares (repeatable; VALUE as JSON or text).",
+    )(fn)
+
+
+def with_params(found: list[RunManifest], pairs: tuple[str, ...], file: str | None) -> list[RunManifest]:
+    """The manifests with the run parameters given by ``--params-file`` and ``--param``."""
+    if not pairs and file is None:
+        return [params.with_params(m, None) for m in found]  # required params still checked
+    given = params.read_file(file) if file is not None else {}
+    specs = found[0].params if found else {}
+    given.update(params.parse_pairs(pairs, specs))
+    return [params.with_params(m, given) for m in found]
 
 
 def make_client(settings: Settings | None = None) -> Client:

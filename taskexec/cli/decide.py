@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from taskexec.cli.common import RunRef, fleet_or_embedded, make_client, run_argument, user_errors
 from taskexec.errors import InvalidInputError
+from taskexec.settings import Settings
+
+if TYPE_CHECKING:
+    from taskexec.client import Client
 
 __all__ = ["approve", "retry"]
 
@@ -37,7 +43,26 @@ def approve(run: RunRef, task_id: str | None, reject: bool, reason: str | None, 
 @click.option("--task", "tasks", multiple=True, metavar="ID", help="Only these tasks (repeatable).")
 @user_errors
 def retry(run: RunRef, tasks: tuple[str, ...]) -> None:
-    """Run RUN's failed (or the named) tasks again, with fresh attempts, in the same run."""
+    """Run RUN's failed (or the named) tasks again, with fresh attempts, in the same run.
+
+    An embedded run that has ended is run again here: the embedded worker starts (as for
+    ``taskexec run``) and the run is followed to its end (exit 0 when it succeeds).
+    """
+    settings = Settings()
+    if settings.embedded:
+        from taskexec.cli.runs import rerun_embedded
+        from taskexec.embedded import attach
+
+        if attach(settings) is None:
+
+            def reopen(client: Client, run_id: str) -> str | None:
+                reopened = client.retry(run_id, list(tasks) or None)
+                if not reopened:
+                    click.echo(f"{run_id}: nothing to run again")
+                    return None
+                return f"{run_id}: {len(reopened)} task(s) run again: {', '.join(reopened)}"
+
+            rerun_embedded(run, settings, reopen)
     with make_client(fleet_or_embedded("retry")) as client:
         run_id = run.resolve(client)
         reopened = client.retry(run_id, list(tasks) or None)

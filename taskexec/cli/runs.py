@@ -19,8 +19,10 @@ from taskexec.cli.common import (
     make_client,
     manifests,
     needs_fleet,
+    params_options,
     run_argument,
     user_errors,
+    with_params,
 )
 from taskexec.cli.common import labels as labels_of
 from taskexec.errors import InvalidInputError
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
     from taskexec.client import Client
+    from taskexec.embedded import EmbeddedFleet
 
 __all__ = ["cancel", "results", "resume", "run", "runs_", "status", "submit", "watch"]
 
@@ -55,6 +58,14 @@ __all__ = ["cancel", "results", "resume", "run", "runs_", "status", "submit", "w
     default=None,
     help="Also write the runs' results as JUnit XML to this file (for CI).",
 )
+@click.option(
+    "--execution",
+    type=click.Choice(["stages", "dag"]),
+    default=None,
+    help="Override the plan's execution: stages (a barrier after each stage) or dag (each task as "
+    "soon as its own upstream tasks have ended).",
+)
+@params_options
 @user_errors
 def run(
     plan: str,
@@ -64,6 +75,9 @@ def run(
     labels: tuple[str, ...],
     timeout: float | None,
     junit: str | None,
+    execution: str | None = None,
+    param_pairs: tuple[str, ...] = (),
+    params_file: str | None = None,
 ) -> None:
     """Submit every variant of PLAN and wait for the runs (embedded mode without a broker).
 
@@ -75,26 +89,17 @@ def run(
     mode the runs are cancelled (their tasks left end cancelled, E004) and the local worker
     and Redis stopped; on a fleet the runs go on. Exit status 128 + signal.
     """
-    import signal
     import time
 
-    def interrupted(exc: KeyboardInterrupt, what: str) -> NoReturn:
-        signum = int(getattr(exc, "signum", signal.SIGINT))
-        click.echo(f"taskexec: interrupted by {signal.Signals(signum).name}: {what}", err=True)
-        sys.exit(128 + signum)
-
     settings = Settings()
-    found = manifests(plan, settings, variant)
+    found = with_params(manifests(plan, settings, variant), param_pairs, params_file)
+    if execution is not None:
+        found = [m.model_copy(update={"execution": execution}) for m in found]
     label_map = labels_of(labels)
     if settings.embedded:
-        from taskexec.embedded import EmbeddedFleet, interrupt_on_signals
+        from taskexec.embedded import interrupt_on_signals
 
-        fleet = EmbeddedFleet(
-            settings.home,
-            concurrency=settings.worker_concurrency,
-            base=settings,
-            notify=lambda message: click.echo(f"taskexec: {message}", err=True),
-        )
+        fleet = _embedded_fleet(settings)
         try:
             with interrupt_on_signals(), fleet:
                 t0 = time.monotonic()
@@ -112,7 +117,7 @@ def run(
                 fleet.timings["execution"] = time.monotonic() - t0
         except KeyboardInterrupt as e:
             ended = ", ".join(f"run {r} {s.value}" for r, s in fleet.settled.items()) or "no run submitted"
-            interrupted(e, f"stopped the embedded worker and Redis; {ended}")
+            _interrupted(e, f"stopped the embedded worker and Redis; {ended}")
         if not all(r.status.terminal for r in results):
             # Not ended even once stopped: the fleet settled them as it stopped (``error``).
             # What is printed is what is stored.
@@ -134,11 +139,63 @@ def run(
             )
         except KeyboardInterrupt as e:
             if not run_ids:
-                interrupted(e, "no run submitted")
-            interrupted(
+                _interrupted(e, "no run submitted")
+            _interrupted(
                 e, f"stopped waiting; the fleet goes on with {' '.join(run_ids)} (taskexec watch RUN)"
             )
     _print_results(results, as_json=as_json, junit=junit)
+    sys.exit(exit_for(results))
+
+
+def _interrupted(exc: KeyboardInterrupt, what: str) -> NoReturn:
+    """Exit 128 + the signal that interrupted a wait, saying what became of the runs."""
+    import signal
+
+    signum = int(getattr(exc, "signum", signal.SIGINT))
+    click.echo(f"taskexec: interrupted by {signal.Signals(signum).name}: {what}", err=True)
+    sys.exit(128 + signum)
+
+
+def _embedded_fleet(settings: Settings) -> EmbeddedFleet:
+    """The local worker and Redis of an embedded run, under ``settings.home``."""
+    from taskexec.embedded import EmbeddedFleet
+
+    return EmbeddedFleet(
+        settings.home,
+        concurrency=settings.worker_concurrency,
+        base=settings,
+        notify=lambda message: click.echo(f"taskexec: {message}", err=True),
+    )
+
+
+def rerun_embedded(run: RunRef, settings: Settings, act: Callable[[Client, str], str | None]) -> NoReturn:
+    """``retry``/``resume`` of an embedded run when no ``taskexec run`` holds its fleet.
+
+    The run is found in the store first (a bad id fails before anything starts); then the
+    embedded worker and Redis start as for ``run``, ``act`` reopens the run (its message is
+    printed; ``None``: nothing to do), and the run is followed to its end. Exit status as
+    ``run``'s.
+    """
+    from taskexec import live
+    from taskexec.embedded import interrupt_on_signals
+
+    with make_client(settings) as reader:
+        run_id = run.resolve(reader)
+        reader.status(run_id)  # RunNotFoundError before the fleet starts
+    fleet = _embedded_fleet(settings)
+    try:
+        with interrupt_on_signals(), fleet, make_client(fleet.settings) as client:
+            message = act(client, run_id)
+            if message is None:
+                sys.exit(EXIT_OK)
+            click.echo(message)
+            fleet.runs.append(run_id)  # settled if the fleet has to stop first
+            interactive = sys.stdout.isatty()
+            results = live.follow(client, [run_id], interactive=interactive, check=fleet.check, tables=False)
+    except KeyboardInterrupt as e:
+        ended = ", ".join(f"run {r} {s.value}" for r, s in fleet.settled.items()) or f"run {run_id}"
+        _interrupted(e, f"stopped the embedded worker and Redis; {ended}")
+    _print_results(results, as_json=False, junit=None)
     sys.exit(exit_for(results))
 
 
@@ -206,13 +263,30 @@ def _print_results(results: list[RunResult], *, as_json: bool, junit: str | None
 @click.option("--variant", default=None, help="Submit only this variant.")
 @click.option("--tenant", default=None, help="Tenant to record with the runs.")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label the runs (repeatable).")
+@click.option(
+    "--execution",
+    type=click.Choice(["stages", "dag"]),
+    default=None,
+    help="Override the plan's execution: stages (a barrier after each stage) or dag (each task as "
+    "soon as its own upstream tasks have ended).",
+)
+@params_options
 @user_errors
-def submit(plan: str, variant: str | None, tenant: str | None, labels: tuple[str, ...]) -> None:
+def submit(
+    plan: str,
+    variant: str | None,
+    tenant: str | None,
+    labels: tuple[str, ...],
+    execution: str | None = None,
+    param_pairs: tuple[str, ...] = (),
+    params_file: str | None = None,
+) -> None:
     """Submit PLAN to the fleet and print the run ids, one a line."""
     settings = Settings()
-    found = manifests(plan, settings, variant)
+    found = with_params(manifests(plan, settings, variant), param_pairs, params_file)
     needs_fleet(settings, "submit (or `taskexec run`, which runs embedded)")
-    for handle in make_client(settings).submit_all(found, tenant=tenant, labels=labels_of(labels)):
+    submitting = make_client(settings).submit_all
+    for handle in submitting(found, tenant=tenant, labels=labels_of(labels), execution=execution):
         click.echo(handle.run_id)
 
 
@@ -360,13 +434,23 @@ def resume(run: RunRef) -> None:
     """Send again every task of RUN with a message on its way or a worker on it.
 
     Safe while the run goes on: a task running under a live lease is waited for, never run
-    a second time, and the run's status does not change.
+    a second time, and the run's status does not change. An embedded run whose ``taskexec
+    run`` died goes on here: the embedded worker starts and the run is followed to its end.
     """
     settings = Settings()
-    needs_fleet(settings, "resume")
+    if settings.embedded:
+        from taskexec.embedded import attach
+
+        attached = attach(settings)
+        if attached is None:
+            with make_client(settings) as reader:
+                over = reader.status(run.resolve(reader)).status.terminal
+            if not over:  # its `taskexec run` died: go on with it here
+                rerun_embedded(run, settings, _resumed)
+        settings = attached or settings
     with make_client(settings) as client:
         run_id = run.resolve(client)
-        n = client.resume(run_id)
+        n = client.resume(run_id) if not settings.embedded else 0
         status = client.status(run_id).status if not n else None
     if n:
         click.echo(f"{run_id}: {n} in-flight task(s) sent again")
@@ -375,6 +459,11 @@ def resume(run: RunRef) -> None:
         click.echo(f"{run_id}: {ended} (`taskexec retry` runs failed tasks again)")
     else:
         click.echo(f"{run_id}: nothing in flight; the run goes on from the store")
+
+
+def _resumed(client: Client, run_id: str) -> str:
+    n = client.resume(run_id)
+    return f"{run_id}: {n} in-flight task(s) sent again (embedded worker)"
 
 
 @click.command(name="runs")

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import click
 
 from taskexec.cli.common import labels as labels_of
-from taskexec.cli.common import manifests, needs_fleet, user_errors
+from taskexec.cli.common import manifests, needs_fleet, params_options, user_errors, with_params
 from taskexec.schedules import (
     Overlap,
     add_schedule,
@@ -58,6 +58,7 @@ def schedule() -> None:
 @click.option("--tenant", default=None, help="Tenant to record with the runs.")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label the runs (repeatable).")
 @click.option("--id", "schedule_id", default=None, help="The schedule's id (default: a random one).")
+@params_options
 @user_errors
 def add(
     plan: str,
@@ -68,17 +69,20 @@ def add(
     tenant: str | None,
     labels: tuple[str, ...],
     schedule_id: str | None,
+    param_pairs: tuple[str, ...] = (),
+    params_file: str | None = None,
 ) -> None:
     """Fire PLAN on a schedule; print the schedule's id. Its runs carry the label schedule=ID.
 
-    The plan is compiled now: an invalid plan is refused (exit 2), and later edits of the
-    file do not change the schedule (remove it and add it again).
+    The plan is compiled now, with its run parameters (--param, --params-file): an invalid
+    plan or param is refused (exit 2), and later edits of the file do not change the
+    schedule (remove it and add it again).
     """
     settings = Settings()
     seconds = every(every_) if every_ is not None else None
     if cron_expr is not None:
         cron(cron_expr)
-    found = manifests(plan, settings, variant)
+    found = with_params(manifests(plan, settings, variant), param_pairs, params_file)
     label_map = labels_of(labels)
     with _store(settings) as store, store.begin() as s:
         info = add_schedule(

@@ -13,6 +13,7 @@ from pydantic_core import to_json
 
 from taskexec import handlers
 from taskexec.errors import HandlerNotAllowedError, PlanError
+from taskexec.plan import templates
 from taskexec.plan.schema import Plan, PlanTask, closest
 from taskexec.settings import Settings
 
@@ -181,9 +182,17 @@ class ParamsChecker:
         found = self._seen.get(key)
         if found is None:
             found = self._seen[key] = _judged(m.model, read)
+        if found and any(templates.has_templates(v) for v in read.values()):
+            # A template's value is known on the worker only: its field is not judged here.
+            found = [p for p in found if not templates.has_templates(read.get(_top_key(p[0])))]
         if found and m.keys is not None:  # a required param missing: was it misspelt?
             return [_spelt(problem, m.keys, params, *layers) for problem in found]
         return found
+
+
+def _top_key(where: str) -> str:
+    """The param a problem's path suffix starts at: ``.argv[1]`` -> ``argv``."""
+    return where[1:].split(".", maxsplit=1)[0].split("[", maxsplit=1)[0]
 
 
 def _spelt(problem: tuple[str, str], keys: frozenset[str], *given: dict[str, Any]) -> tuple[str, str]:

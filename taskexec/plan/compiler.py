@@ -32,12 +32,14 @@ from typing import Any
 from pydantic_core import to_json
 
 from taskexec.errors import PlanError, TaskexecError
-from taskexec.models import MatrixInfo, RetryPolicy, RunManifest
-from taskexec.plan import graph
+from taskexec.handlers import output_keys
+from taskexec.models import InputRef, MatrixInfo, ParamSpec, RetryPolicy, RunManifest
+from taskexec.plan import graph, templates
 from taskexec.plan.checks import ParamsChecker
 from taskexec.plan.gcpause import full_collections_held
 from taskexec.plan.loader import MAX_MANIFEST_BYTES
 from taskexec.plan.matrix import expand
+from taskexec.plan.params import declare, defaults
 from taskexec.plan.schema import Plan
 from taskexec.plan.tree import Node, flatten
 from taskexec.settings import Settings
@@ -172,6 +174,44 @@ def _check_params(
         raise TaskexecError.gathered(errors)
 
 
+def _check_templates_and_paths(
+    nodes: list[Node],
+    leaves: list[int],
+    cases: dict[int, list[tuple[str, dict[str, Any]]]],
+    specs: dict[str, ParamSpec],
+) -> None:
+    """What a compile can tell of each task's templates (names, declared params, its inputs,
+    its matrix case) and of its input paths (where the upstream handler's output is known)."""
+    errors: list[TaskexecError] = []
+    producer = {node.task.output: node for node in nodes if node.task.output is not None}
+    for n in leaves:
+        node = nodes[n]
+        t = node.task
+        if t.params and templates.has_templates(t.params):
+            case_keys: dict[str, Any] = {}
+            for _, case in cases.get(n, []):
+                case_keys.update(dict.fromkeys(case))
+            names = [e if isinstance(e, str) else e.name for e in t.inputs]
+            for where, message in templates.problems(t.params, params=specs, inputs=names, case=case_keys):
+                errors.append(PlanError(message, path=f"{node.path}.{where}"))
+        for k, entry in enumerate(t.inputs):
+            if not isinstance(entry, InputRef) or entry.path is None or entry.from_ not in producer:
+                continue
+            up = producer[entry.from_].task
+            known = output_keys(up.handler or "", up.params)
+            first = entry.path.split(".")[0]
+            if known is not None and first not in known:
+                errors.append(
+                    PlanError(
+                        f"{first!r} is not in the output of task {up.id!r} "
+                        f"({up.handler}: {', '.join(sorted(known))})",
+                        path=f"{node.path}.inputs[{k}].path",
+                    )
+                )
+    if errors:
+        raise TaskexecError.gathered(errors)
+
+
 def compile_plan(
     plan: Plan, settings: Settings | None = None, *, variant: str | None = None
 ) -> list[RunManifest]:
@@ -191,6 +231,8 @@ def compile_plan(
         raise PlanError(f"unknown rate limit {plan.defaults.rate_limit!r}", path="defaults.rate_limit")
     if plan.concurrency and plan.defaults.concurrency and plan.concurrency != plan.defaults.concurrency:
         raise PlanError("set concurrency once: at the plan's top level or in defaults", path="concurrency")
+    if plan.execution and plan.defaults.execution and plan.execution != plan.defaults.execution:
+        raise PlanError("set execution once: at the plan's top level or in defaults", path="execution")
     variants = plan.variants or {"default": {}}
     if variant is not None:
         if variant not in variants:
@@ -207,6 +249,7 @@ def _compile(plan: Plan, settings: Settings, variants: dict[str, dict[str, Any]]
     leaves, deps = graph.dependencies(nodes, by_id)
     stage = graph.stages(nodes, leaves, deps)
     graph.check_artifacts(nodes, deps, stage)
+    specs = declare(plan.params)
 
     # Matrix cases: atomic node -> list of (task id, case params), computed once.
     cases: dict[int, list[tuple[str, dict[str, Any]]]] = {}
@@ -236,6 +279,7 @@ def _compile(plan: Plan, settings: Settings, variants: dict[str, dict[str, Any]]
             )
         )
     _check_params(nodes, leaves, cases, variants)
+    _check_templates_and_paths(nodes, leaves, cases, specs)
     names = [node.task.id for node in nodes]
     _check_size(nodes, leaves, deps, cases, variants)
     case_ids = {n: [cid for cid, _ in found] for n, found in cases.items()}
@@ -300,8 +344,11 @@ def _compile(plan: Plan, settings: Settings, variants: dict[str, dict[str, Any]]
                 "rate_limits": plan.rate_limits,
                 "stop": plan.stop,
                 "concurrency": plan.concurrency or plan.defaults.concurrency,
+                "execution": plan.execution or plan.defaults.execution or "stages",
                 "notify": plan.notify,
                 "matrices": matrices,
+                "params": specs,
+                "param_values": defaults(specs),
             }
         )
         for name, overlay in variants.items()

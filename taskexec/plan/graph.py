@@ -7,6 +7,7 @@ from collections import deque
 from collections.abc import Set as AbstractSet
 
 from taskexec.errors import DependencyCycleError, PlanError, TaskexecError
+from taskexec.models import artifact_of, input_name
 from taskexec.plan.schema import closest
 from taskexec.plan.tree import Node
 
@@ -137,8 +138,15 @@ def check_artifacts(nodes: list[Node], deps: list[list[int]], stage: list[int]) 
             continue
         producer[out] = i
     for i, node in enumerate(nodes):
-        for k, name in enumerate(node.task.inputs):
+        received: set[str] = set()
+        for k, entry in enumerate(node.task.inputs):
             where = f"{node.path}.inputs[{k}]"
+            name = artifact_of(entry)
+            if input_name(entry) in received:
+                errors.append(
+                    PlanError(f"two inputs named {input_name(entry)!r}: rename one with 'as'", path=where)
+                )
+            received.add(input_name(entry))
             if name not in producer:
                 hint = closest(name, producer) if len(errors) < 50 else ""
                 errors.append(

@@ -200,6 +200,13 @@ def _parse_text(text: str, origin: str) -> Any:
             loader.dispose()
 
 
+def parse_data(text: str, origin: str) -> Any:
+    """YAML or JSON text as data, with a plan's bounds (depth, alias expansion); errors E001
+    naming ``origin``. For files beside a plan, such as ``--params-file``."""
+    with full_collections_held:
+        return _parse_text(text, origin)
+
+
 def parse_plan(source: str | Mapping[str, Any], *, origin: str = "plan") -> Plan:
     """Parse a plan from YAML or JSON text (told apart by content) or from a mapping.
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable, Mapping
-from typing import Annotated, Any, cast, get_args
+from typing import Annotated, Any, Literal, cast, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from taskexec.errors import MAX_ERRORS, PlanError
-from taskexec.models import Notify, PathCriterion, RateLimit, StopConditions, ValidatorCriterion
+from taskexec.models import InputRef, Notify, PathCriterion, RateLimit, StopConditions, ValidatorCriterion
 from taskexec.plan.matrix import MatrixSpec
 
 __all__ = ["Defaults", "Plan", "PlanTask", "Policy", "RetrySpec", "plan_error_from"]
@@ -63,6 +63,9 @@ class Defaults(Policy):
     """Execution policy for every task of the plan, overridable per group or task."""
 
     concurrency: int | None = Field(None, ge=1, description="tasks of a run executing at once")
+    execution: Literal["stages", "dag"] | None = Field(
+        None, description="stages: a barrier after each stage (default); dag: each task after its upstream"
+    )
 
 
 def _criterion_kind(value: Any) -> str:
@@ -94,7 +97,9 @@ class PlanTask(_Validated, Policy):
     handler: str | None = Field(None, min_length=1)
     params: dict[str, Any] = Field(default_factory=dict)
     depends_on: list[str] = Field(default_factory=list)
-    inputs: list[str] = Field(default_factory=list)
+    inputs: list[str | InputRef] = Field(
+        default_factory=list, description="artifact names, or {from, path, as} to select part of one"
+    )
     output: str | None = Field(None, pattern=_ID_PATTERN)
     matrix: MatrixSpec | None = None
     criteria: list[PlanCriterion] = Field(default_factory=list, alias="validate")
@@ -112,10 +117,16 @@ class Plan(_Validated, _Strict):
     id: str | None = Field(None, pattern=_ID_PATTERN)
     name: str | None = None
     description: str | None = None
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="run parameters: name -> default, or {type, default, description}"
+    )
     defaults: Defaults = Field(default_factory=Defaults)
     rate_limits: dict[str, RateLimit] = Field(default_factory=dict)
     stop: StopConditions = Field(default_factory=StopConditions)
     concurrency: int | None = Field(None, ge=1, description="tasks of a run executing at once, fleet-wide")
+    execution: Literal["stages", "dag"] | None = Field(
+        None, description="stages: a barrier after each stage (default); dag: each task after its upstream"
+    )
     notify: list[Notify] = Field(default_factory=list, description="webhooks for run events")
     variants: dict[str, dict[str, Any]] | None = Field(None, min_length=1)
     tasks: list[PlanTask] = Field(min_length=1)

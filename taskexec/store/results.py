@@ -110,6 +110,7 @@ def _task_result(
         attempts=row.attempts,
         throttled=row.throttled or 0,
         case=case,
+        params=row.params,
         error_code=ErrorCode(row.error_code) if row.error_code else None,
         error_message=row.error_message,
         output=row.output,
@@ -152,6 +153,7 @@ def run_result(session: Session, run_id: str) -> RunResult:
         finished_at=run.finished_at,
         tenant=run.tenant,
         labels=run.labels or {},
+        params=run.params or {},
         error_message=run.error_message,
         tasks=tasks,
     )

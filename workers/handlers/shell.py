@@ -2,7 +2,8 @@
 
 Params: ``argv`` (a list, no shell involved), ``env`` (variables for the command; a
 secret as ``{secret: NAME}``), ``cwd``, ``timeout`` (seconds, at most the task's),
-``parse_json`` (stdout is a JSON value: add it to the output as ``json``).
+``parse_json`` (stdout is JSON and becomes the output: an object as it is, any other value
+as ``{"value": ...}``; a step downstream then receives the data itself).
 
 The command's environment is built, not inherited: the worker's holds its credentials
 (database URL, broker password, webhook key) and whatever else its host put there (another
@@ -22,7 +23,8 @@ entries and files. The worker then needs ``CAP_SETUID``/``CAP_SETGID`` to switch
 Both streams also go to the attempt's logs (``ctx.emit``), line by line as the command
 prints them: ``taskexec logs --follow`` shows a step's output while it runs.
 
-Output: ``{"exit_code", "stdout", "stderr"}`` (each stream cut at 1 MiB). A non-zero exit
+Output: ``{"exit_code", "stdout", "stderr"}`` (each stream cut at 1 MiB), or with
+``parse_json`` the JSON that stdout holds. A non-zero exit
 is an execution error (E003), retried while attempts remain. A command still running at
 ``timeout`` ends the attempt ``timed_out`` (E002), as the task's own ``timeout`` does.
 
@@ -316,10 +318,10 @@ def shell(params: dict[str, Any], inputs: dict[str, Any], ctx: HandlerContext) -
     if proc.returncode != 0:
         tail = stderr.strip().splitlines()[-1:] or [""]
         raise RetryableError(f"{p.argv[0]} exited {proc.returncode}: {tail[0][:300]}")
-    result: dict[str, Any] = {"exit_code": proc.returncode, "stdout": _text(out), "stderr": stderr}
     if p.parse_json:
         try:
-            result["json"] = json.loads(out)
+            data = json.loads(out)
         except ValueError as e:
             raise TaskFailed(f"{p.argv[0]}: stdout is not JSON ({e})") from None
-    return result
+        return data if isinstance(data, dict) else {"value": data}
+    return {"exit_code": proc.returncode, "stdout": _text(out), "stderr": stderr}

@@ -31,6 +31,7 @@ __all__ = [
     "count_throttled",
     "outputs_of",
     "record_metrics",
+    "record_params",
     "renew_lease",
     "reopen_tasks",
     "reset_blockers",
@@ -215,6 +216,15 @@ def task_state(session: Session, run_id: str, task_id: str) -> TaskState:
         base or 0,
         stop_reason=reason,
         tenant=tenant,
+    )
+
+
+def record_params(session: Session, run_id: str, task_id: str, params: dict[str, Any]) -> None:
+    """The handler params the current attempt renders (templates filled in, no secret)."""
+    session.execute(
+        update(EXECUTIONS)
+        .where(EXECUTIONS.c.run_id == run_id, EXECUTIONS.c.task_id == task_id)
+        .values(params=params)
     )
 
 
