@@ -27,7 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "compile": (
         "plans:compile_",
-        "Compile PLAN into run manifests, one per variant: every task of every stage (--brief: the first 8 of a stage), or the manifests as JSON.",
+        "Compile PLAN into run manifests, one per variant: every task of every stage "
+        "(--brief: the first 8 of a stage), or the manifests as JSON.",
     ),
     "run": (
         "runs:run",
@@ -36,7 +37,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("runs:submit", "Submit PLAN to the fleet and print the run ids, one a line."),
     "status": (
         "runs:status",
-        "Show one run's result (RUN: its id, a unique prefix of 6+ characters, or --last); exit 1 when it ended without success.",
+        "Show one run's result (RUN: its id, a unique prefix of 6+ characters, or --last); "
+        "exit 1 when it ended without success.",
     ),
     "results": (
         "runs:results",
@@ -50,7 +52,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "resume": ("runs:resume", "Send again every task of RUN with a message on its way or a worker on it."),
     "approve": (
         "decide:approve",
-        "Approve (or --reject) TASK of RUN, waiting at an approval gate (``--last TASK``: of the newest run).",
+        "Approve (or --reject) TASK of RUN, waiting at an approval gate "
+        "(``--last TASK``: of the newest run).",
     ),
     "retry": (
         "decide:retry",
