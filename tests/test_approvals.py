@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -33,11 +34,13 @@ def fleet(redis_db: str, pg_url: str, tmp_path_factory: pytest.TempPathFactory) 
         f.stop()
 
 
-@pytest.fixture
-def client(fleet: Fleet) -> Iterator[Client]:
+@pytest.fixture(params=["stages", "dag"])
+def client(fleet: Fleet, request: pytest.FixtureRequest) -> Iterator[Client]:
+    """A client whose runs go in each execution mode (``execution: stages``, then ``dag``)."""
     settings = fleet.settings()
     assert isinstance(settings, Settings)
     with Client(settings) as c:
+        c.submit = functools.partial(c.submit, execution=request.param)  # type: ignore[method-assign]
         yield c
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
 from collections.abc import Iterator
@@ -26,11 +27,13 @@ def fast_retry(n: int, backoff: float = 0.05, multiplier: float = 1.0) -> dict[s
     return {"max_attempts": n, "backoff": backoff, "multiplier": multiplier, "jitter": False}
 
 
-@pytest.fixture
-def client(fleet: Fleet) -> Iterator[Client]:
+@pytest.fixture(params=["stages", "dag"])
+def client(fleet: Fleet, request: pytest.FixtureRequest) -> Iterator[Client]:
+    """A client whose runs go in each execution mode (``execution: stages``, then ``dag``)."""
     settings = fleet.settings()
     assert isinstance(settings, Settings)
     with Client(settings) as c:
+        c.submit = functools.partial(c.submit, execution=request.param)  # type: ignore[method-assign]
         yield c
 
 

@@ -28,6 +28,9 @@ taskexec_task_transitions_total         status      taskexec task statuses (run 
 taskexec_throttled_total                            run events with status ``throttled``
 taskexec_stage_gap_seconds                          last task of stage k ended → first
                                                     task of stage k + 1 running
+taskexec_edge_latency_seconds                       ``execution: dag`` runs: a task's last
+                                                    upstream task ended → the task
+                                                    started (the store's times, at the end)
 taskexec_runs_total                     status      runs entering a status
 taskexec_run_duration_seconds           status      duration of ended runs (the store's)
 taskexec_queue_length                   queue       messages waiting in the broker

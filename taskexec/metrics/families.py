@@ -78,6 +78,12 @@ class FleetMetrics:
             buckets=_GAP_BUCKETS,
             registry=registry,
         )
+        self.edge_latency = Histogram(
+            "taskexec_edge_latency_seconds",
+            "execution: dag runs: a task's last upstream task ended -> the task started (the store's).",
+            buckets=_GAP_BUCKETS,
+            registry=registry,
+        )
         self.runs = Counter(
             "taskexec_runs", "Runs entering a status, from run events.", ("status",), registry=registry
         )

@@ -16,12 +16,14 @@ from taskexec.celery_app import (
     TASK_NAMES,
 )
 from taskexec.client import Client
+from taskexec.metrics.edges import edge_latencies
 from taskexec.metrics.families import (
     CELERY_STATES,
     THROTTLED,
     FleetMetrics,
 )
 from taskexec.models import RunStatus, TaskStatus
+from taskexec.store.manifests import compiled_run
 
 __all__ = ["RunDurations", "RunEvents", "TaskEvents"]
 
@@ -202,7 +204,13 @@ class RunDurations:
     def _read(self, run_id: str, status: str, observed: float | None) -> None:
         assert self.client is not None
         try:
-            duration = self.client.status(run_id).statistics.duration_seconds
+            result = self.client.status(run_id)
+            duration = result.statistics.duration_seconds
+            with self.client.store.begin() as s:
+                manifest = compiled_run(s, run_id).manifest
+            if manifest.execution == "dag":  # its stage gap's counterpart, from the store's times
+                for seconds in edge_latencies(manifest, result.tasks):
+                    self.metrics.edge_latency.observe(max(seconds, 0.0))
         except Exception as e:  # the store is down or the run is gone: not fatal here
             log.warning("duration of run %s not read from the store: %s", run_id, e)
             duration = None

@@ -26,6 +26,7 @@ from taskexec.run.ratelimit import RateLimiter, bucket_key
 from taskexec.services import Services
 from taskexec.store import repository as repo
 from taskexec.store.manifests import compiled_run
+from taskexec.store.tables import utcnow
 
 __all__ = ["dispatch", "release", "republish", "resend"]
 
@@ -175,17 +176,22 @@ def _advance_dag(svc: Services, run_id: str) -> None:
     changes: list[Change] = []
     publication: Publication | None = None
     with svc.store.begin() as s:
-        run = repo.get_run(s, run_id)
+        run = repo.run_head(s, run_id)  # after every task: not the row's manifest
         if RunStatus(run.status).terminal:
             return
         cr = compiled_run(s, run_id)
         m = cr.manifest
-        cursor = run.stage_cursor
-        if run.stop_reason is None and cursor >= 0 and run_timed_out(run, m):
+        cursor, stop_reason, limit = run.stage_cursor, run.stop_reason, m.stop.timeout
+        if (
+            stop_reason is None
+            and limit
+            and run.started_at
+            and (utcnow() - run.started_at).total_seconds() > limit
+        ):
             request_stop(s, run_id, "timeout")
-            run.stop_reason = "timeout"
-        if run.stop_reason is not None:
-            changes += stop_waiting(s, run_id, run.stop_reason)
+            stop_reason = "timeout"
+        if stop_reason is not None:
+            changes += stop_waiting(s, run_id, stop_reason)
             over = True
         else:
             publication = Publication.new([], run.epoch, detached=True)
@@ -197,7 +203,7 @@ def _advance_dag(svc: Services, run_id: str) -> None:
     events.publish(svc.redis, changes)
     if publication is not None and publication.tasks:
         publish(svc, run_id, None, publication)
-    elif cursor < 0 and run.stop_reason is None:
+    elif cursor < 0 and stop_reason is None:
         dispatch(svc, run_id, 0)  # its first dispatch never happened
     elif over:
         finalize(svc, run_id)

@@ -54,6 +54,10 @@ log = logging.getLogger(__name__)
 #: Seconds a handler may run past its time limit before its process is ended.
 HARD_LIMIT_GRACE = 10.0
 
+#: A dag run's batches up to this size are sent without the "still publishing" key: they
+#: go out in milliseconds, far within the reconciler's grace, and one goes after every task.
+SMALL_BATCH = 100
+
 #: The broker's identity: a token taskexec keeps in the broker's own Redis. A Redis that
 #: restarted with its data (AOF, RDB) still has it; one that lost its data does not, and
 #: the reconciler then sends again what the runs had in flight.
@@ -276,8 +280,11 @@ def publish(svc: Services, run_id: str, stage: int | None, p: Publication) -> bo
     sending = group(header, app=app) if p.detached else _chord(app, run_id, stage, header)
     try:
         faultpoints.reached("dispatch.committed")
-        with _Sending(svc.redis, p.token, ttl=max(1.0, svc.settings.resend_grace / 2)):
-            sending.apply_async()
+        if p.detached and len(p.tasks) <= SMALL_BATCH:
+            sending.apply_async()  # milliseconds: no key (a thread, two trips) after every task
+        else:
+            with _Sending(svc.redis, p.token, ttl=max(1.0, svc.settings.resend_grace / 2)):
+                sending.apply_async()
         faultpoints.reached("dispatch.published")
         instance = broker_instance(app)
     except Exception as e:  # kombu and redis-py raise many types for one broken connection

@@ -114,6 +114,8 @@ class Execution(Base):
     __tablename__ = "executions"
     __table_args__ = (
         Index("ix_executions_run_stage", "run_id", "stage"),
+        # Whether a run has a task not yet ended (dag runs ask after each task ends).
+        Index("ix_executions_run_status", "run_id", "status"),
         # The reconciler's scans: running tasks by lease, retrying ones by due time.
         Index("ix_executions_status_lease", "status", "lease_until"),
         Index("ix_executions_status_due", "status", "not_before"),

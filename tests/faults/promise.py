@@ -135,9 +135,9 @@ def worker_running(world: World, pid: int) -> Any:
     raise AssertionError(f"no worker of the fleet runs pid {pid}")
 
 
-def submit(world: World, doc: dict[str, Any]) -> tuple[Client, str]:
+def submit(world: World, doc: dict[str, Any], execution: str = "stages") -> tuple[Client, str]:
     client = client_of(world)
-    return client, client.submit(parse_plan(doc)).run_id
+    return client, client.submit(parse_plan(doc), execution=execution).run_id
 
 
 def wait_end(client: Client, run_id: str, timeout: float = 90) -> RunResult:

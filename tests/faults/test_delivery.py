@@ -229,8 +229,9 @@ def test_every_fault_point_is_covered() -> None:
     assert set(CASES) == set(POINTS)
 
 
+@pytest.mark.parametrize("execution", ["stages", "dag"])
 @pytest.mark.parametrize("point", sorted(CASES))
-def test_a_process_killed_between_a_commit_and_its_publish(world: World, point: str) -> None:
+def test_a_process_killed_between_a_commit_and_its_publish(world: World, point: str, execution: str) -> None:
     """SIGKILL of the process at each point between a commit and a publish loses nothing,
     runs nothing twice: the outbox, the due times and the reconciler carry the run on."""
     plan, once = CASES[point]
@@ -242,11 +243,11 @@ def test_a_process_killed_between_a_commit_and_its_publish(world: World, point: 
         world.arm(point)
         plan_file = world.dir / "plan.json"
         plan_file.write_text(json.dumps(doc))
-        p = cli(world, "submit", str(plan_file), **armed)
+        p = cli(world, "submit", str(plan_file), "--execution", execution, **armed)
         assert p.returncode == -9, (p.returncode, p.stderr)
         [(run_id,)] = sql(world, "SELECT run_id FROM runs ORDER BY submitted_at DESC LIMIT 1")
     else:
-        run_id = client.submit(parse_plan(doc)).run_id
+        run_id = client.submit(parse_plan(doc), execution=execution).run_id
         if point == "decide.committed":
             wait_until(lambda: client.status(run_id).statistics.waiting_approval == 1, 30, "the gate waiting")
             world.arm(point)

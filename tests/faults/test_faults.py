@@ -40,9 +40,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 # ---------------------------------------------------------------- workers dying
 
 
-def test_sigkill_of_a_pool_process_mid_task(world: World) -> None:
+@pytest.mark.parametrize("execution", ["stages", "dag"])
+def test_sigkill_of_a_pool_process_mid_task(world: World, execution: str) -> None:
     world.fleet.start_many(("executor,validator", 2, "w1"))
-    client, run_id = submit(world, {"tasks": [ledger_task(world)]})
+    client, run_id = submit(world, {"tasks": [ledger_task(world)]}, execution)
     wait_until(world.started, 30, "the task to start")
     [(_, pid, _, _)] = world.started()
     os.kill(pid, signal.SIGKILL)
@@ -69,7 +70,8 @@ def test_sigkill_of_a_whole_worker_then_a_new_one(world: World) -> None:
     client.close()
 
 
-def test_a_poison_message_ends_error_e011_without_a_loop(world: World) -> None:
+@pytest.mark.parametrize("execution", ["stages", "dag"])
+def test_a_poison_message_ends_error_e011_without_a_loop(world: World, execution: str) -> None:
     world.fleet.start_many(("executor,validator", 2, "w1"))
     task = {
         "id": "poison",
@@ -78,7 +80,7 @@ def test_a_poison_message_ends_error_e011_without_a_loop(world: World) -> None:
         "params": {"starts": str(world.starts)},
     }
     client, run_id = submit(
-        world, {"tasks": [task, {"id": "after", "handler": "stub", "depends_on": ["poison"]}]}
+        world, {"tasks": [task, {"id": "after", "handler": "stub", "depends_on": ["poison"]}]}, execution
     )
     result = wait_end(client, run_id)
     invariant(world, result, RunStatus.FAILED)

@@ -8,7 +8,7 @@ lost leases), :mod:`.logs` (attempts' logs). Callers use the one namespace:
 ``from taskexec.store import repository as repo``.
 """
 
-from taskexec.store.repository.dag import READY, claim_ready, is_dag, unfinished
+from taskexec.store.repository.dag import READY, RunHead, claim_ready, is_dag, run_head, unfinished
 from taskexec.store.repository.logs import LogStream, add_attempt_logs, attempt_logs, logged_attempts
 from taskexec.store.repository.recovery import (
     Overdue,
@@ -59,6 +59,7 @@ __all__ = [
     "READY",
     "LogStream",
     "Overdue",
+    "RunHead",
     "TaskState",
     "add_attempt_logs",
     "add_run",
@@ -84,11 +85,12 @@ __all__ = [
     "overdue_tasks",
     "record_incident",
     "record_metrics",
-    "renew_lease",
     "record_params",
+    "renew_lease",
     "reopen_tasks",
     "reset_blockers",
     "resolve_run_id",
+    "run_head",
     "runs_in_flight",
     "set_broker_instance",
     "set_due",

@@ -6,7 +6,7 @@ none, so it decrements nothing) decrements the count of each task that depends o
 its own transaction. Then, in that same transaction, a task downstream of a task that ended
 without success is skipped (E009, and its own dependants in turn), and a task whose count
 reached zero with every upstream succeeded is queued into the outbox under a *ready* token
-(``r:…``). Whoever settled the upstream publishes it after the commit
+(``r:<run>``). Whoever settled the upstream publishes it after the commit
 (:func:`claim_ready` takes the rows, so one publisher sends them); if nobody does, the
 reconciler finds the rows in the outbox and sends them after ``TASKEXEC_RESEND_GRACE``.
 
@@ -15,25 +15,43 @@ A ``stages`` run's rows keep their counts too but nothing reads them.
 
 from __future__ import annotations
 
-import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
+from taskexec.errors import RunNotFoundError
 from taskexec.models import Change, ErrorCode, TaskStatus
 from taskexec.store import manifests
 from taskexec.store.repository._tables import EXECUTIONS, RUNS, chunks
 
-__all__ = ["READY", "claim_ready", "is_dag", "reset_blockers", "settle_downstream", "unfinished"]
+__all__ = [
+    "READY",
+    "RunHead",
+    "claim_ready",
+    "is_dag",
+    "reset_blockers",
+    "run_head",
+    "settle_downstream",
+    "unfinished",
+]
 
 _T = TaskStatus
 
 #: Prefix of the outbox token of a task released by its upstream's settle, not yet taken by
-#: a publisher.
+#: a publisher: ``r:<run id>``, one token per run, so that a publisher finds them by the
+#: outbox's (partial) index, not by scanning the run's queued rows.
 READY = "r:"
+
+
+def ready_token(run_id: str) -> str:
+    """The outbox token of a run's released tasks that no publisher has taken yet."""
+    return (READY + run_id)[:40]
+
 
 #: ``set_tasks_status`` without the downstream step: ``(session, run_id, ids, to, **kw)``.
 Mover = Callable[..., list[Change]]
@@ -53,6 +71,8 @@ def settle_downstream(
     cr = manifests.compiled_run(session, run_id)
     if cr.manifest.execution != "dag":
         return []
+    if not any(cr.dependents.get(u) for u in ended):
+        return []  # a sink: nothing to release (the common case of a wide run)
     # A stopping run skips nothing: its end cancels (E004) what waits, as in ``stages``.
     stopping = session.scalar(select(RUNS.c.stop_reason).where(RUNS.c.run_id == run_id)) is not None
     changes: list[Change] = []
@@ -116,6 +136,31 @@ def reset_blockers(session: Session, run_id: str, task_ids: Sequence[str], move:
     return changes + _queue_free(session, run_id, list(task_ids), move)
 
 
+@dataclass(frozen=True)
+class RunHead:
+    """What releasing a dag run's tasks reads of its run row (not the manifest: megabytes)."""
+
+    status: str
+    stop_reason: str | None
+    stage_cursor: int
+    epoch: int
+    tenant: str | None
+    started_at: datetime | None
+
+
+def run_head(session: Session, run_id: str) -> RunHead:
+    """The run's status, stop reason, cursor, epoch, tenant and start (:class:`RunNotFoundError`)."""
+    r = RUNS.c
+    row = session.execute(
+        select(r.status, r.stop_reason, r.stage_cursor, r.epoch, r.tenant, r.started_at).where(
+            r.run_id == run_id
+        )
+    ).one_or_none()
+    if row is None:
+        raise RunNotFoundError(f"no run {run_id!r} in the store", path="RUN")
+    return RunHead(*row)
+
+
 def claim_ready(session: Session, run_id: str, token: str) -> list[str]:
     """Take the run's released tasks that no publisher has taken yet: their outbox token
     becomes ``token`` (one conditional UPDATE: of two callers, each row goes to one)."""
@@ -123,8 +168,8 @@ def claim_ready(session: Session, run_id: str, token: str) -> list[str]:
         update(EXECUTIONS)
         .where(
             EXECUTIONS.c.run_id == run_id,
+            EXECUTIONS.c.outbox == ready_token(run_id),
             EXECUTIONS.c.status == _T.QUEUED.value,
-            EXECUTIONS.c.outbox.like(READY + "%"),
         )
         .values(outbox=token)
         .returning(EXECUTIONS.c.task_id)
@@ -134,10 +179,10 @@ def claim_ready(session: Session, run_id: str, token: str) -> list[str]:
 
 def unfinished(session: Session, run_id: str) -> bool:
     """Whether any task of the run has not ended (one row looked up, not the run's all)."""
-    ends = [s.value for s in TaskStatus if s.terminal]
-    stmt = (
+    open_ = [s.value for s in TaskStatus if not s.terminal]
+    stmt = (  # an index lookup per status (ix_executions_run_status), however large the run
         select(EXECUTIONS.c.task_id)
-        .where(EXECUTIONS.c.run_id == run_id, EXECUTIONS.c.status.not_in(ends))
+        .where(EXECUTIONS.c.run_id == run_id, EXECUTIONS.c.status.in_(open_))
         .limit(1)
     )
     return session.execute(stmt).first() is not None
@@ -153,7 +198,9 @@ def _decrement(session: Session, run_id: str, counts: Counter[str]) -> None:
             EXECUTIONS.c.status == _T.PENDING.value,
         )
         .values(blockers=EXECUTIONS.c.blockers - bindparam("n")),
-        [{"tid": t, "n": n} for t, n in counts.items()],
+        # In task id order: two transactions decrementing the same tasks lock them in one
+        # order (no deadlock).
+        [{"tid": t, "n": counts[t]} for t in sorted(counts)],
     )
 
 
@@ -178,8 +225,7 @@ def _queue_free(session: Session, run_id: str, candidates: list[str], move: Move
         ).all()
     if not free:
         return []
-    token = READY + uuid.uuid4().hex
-    return move(session, run_id, free, _T.QUEUED, allowed_from=[_T.PENDING], outbox=token)
+    return move(session, run_id, free, _T.QUEUED, allowed_from=[_T.PENDING], outbox=ready_token(run_id))
 
 
 def _statuses(session: Session, run_id: str) -> dict[str, TaskStatus]:

@@ -265,8 +265,16 @@ def set_stage_cursor(session: Session, run_id: str, cursor: int) -> None:
 
 
 def set_broker_instance(session: Session, run_id: str, instance: str | None) -> None:
-    """Record the broker identity that holds the run's latest messages."""
-    session.execute(update(RUNS).where(RUNS.c.run_id == run_id).values(broker_instance=instance))
+    """Record the broker identity that holds the run's latest messages.
+
+    Written only when it changed: a dag run publishes after each task ends, and an UPDATE
+    whose condition leaves the row out takes no lock on it (publishers do not queue on it).
+    """
+    session.execute(
+        update(RUNS)
+        .where(RUNS.c.run_id == run_id, RUNS.c.broker_instance.is_distinct_from(instance))
+        .values(broker_instance=instance)
+    )
 
 
 def start_retry(session: Session, run_id: str) -> None:
