@@ -67,3 +67,41 @@ def test_the_library_never_imports_the_worker_side_at_module_level() -> None:
         if line.startswith(("from workers", "import workers"))
     ]
     assert not offenders, offenders
+
+
+HEAVY = ("celery", "kombu", "sqlalchemy", "redis", "jinja2", "httpx", "rich")
+
+
+def _imported(*args: str) -> set[str]:
+    """Top-level packages a ``taskexec`` command imports (``python -X importtime``)."""
+    p = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "taskexec.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = [line.split("|")[-1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")]
+    return {name.split(".")[0] for name in lines}
+
+
+def test_help_and_validate_import_only_what_they_use() -> None:
+    """Start-up counts (issue 20): ``--help`` and ``validate`` never import the fleet's stack."""
+    plan = "examples/quickstart.yaml"
+    for args in (["--help"], ["validate", plan], ["compile", plan]):
+        heavy = _imported(*args) & set(HEAVY)
+        assert not heavy, f"taskexec {' '.join(args)} imports {sorted(heavy)}"
+    assert "pydantic" not in _imported("--help")
+
+
+def test_every_command_is_listed_with_its_own_help() -> None:
+    """The CLI's table of commands (imported lazily) matches each command's help."""
+    import click
+
+    from taskexec import cli
+
+    assert set(cli.COMMANDS) == set(cli.main.list_commands(click.Context(cli.main)))
+    for name, (_, line) in cli.COMMANDS.items():
+        assert line == cli.load(name).get_short_help_str(limit=500), name
