@@ -325,7 +325,7 @@ def timeline(session: Session, run_id: str, *, limit: int = 2000) -> tuple[list[
     there were more.
 
     An attempt runs from ``running`` to its outcome (``validating`` stays inside it); a retry
-    wait from ``retrying`` to the next ``queued``/``running``; an approval wait from
+    wait from ``retrying`` to the next attempt's start; an approval wait from
     ``waiting_approval`` to the decision.
     """
     logs = (
@@ -341,8 +341,15 @@ def timeline(session: Session, run_id: str, *, limit: int = 2000) -> tuple[list[
             Execution,
             and_(Execution.run_id == ExecutionLog.run_id, Execution.task_id == ExecutionLog.task_id),
         )
-        .where(ExecutionLog.run_id == run_id, ExecutionLog.event == "transition")
+        .where(
+            ExecutionLog.run_id == run_id,
+            ExecutionLog.event == "transition",
+            # Nothing starts or ends a bar at these: a retry wait lasts until the next attempt.
+            ExecutionLog.to_status.not_in([TaskStatus.PENDING.value, TaskStatus.QUEUED.value]),
+        )
         .order_by(ExecutionLog.id)
+        # Streamed (a server-side cursor on PostgreSQL): the page stops reading at its limit.
+        .execution_options(yield_per=1000)
     )
     waits = {TaskStatus.RETRYING.value: "retry_wait", TaskStatus.WAITING_APPROVAL.value: "approval_wait"}
     # task -> (kind, attempt, worker, start, stage)
