@@ -6,4 +6,4 @@ test:
 bench:
 	.venv/bin/python bench/compile.py && .venv/bin/python bench/pairwise.py \
 		&& .venv/bin/python -m bench.throughput && .venv/bin/python -m bench.ratelimit \
-		&& .venv/bin/python -m bench.scaling && .venv/bin/python -m bench.dag
+		&& .venv/bin/python -m bench.scaling && .venv/bin/python -m bench.dag && .venv/bin/python bench/ui.py

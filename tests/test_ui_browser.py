@@ -34,12 +34,11 @@ from taskexec.settings import Settings
 from taskexec.store import Store
 from taskexec.store import repository as repo
 from taskexec.ui import serve_in_background
-from tests.conftest import ROOT, Fleet, make_fleet_env, wait_for
+from tests.conftest import ROOT, Fleet, _unavailable, make_fleet_env, wait_for
 from tests.test_report_browser import chromium
 
 pytestmark = pytest.mark.integration
 
-playwright_api = pytest.importorskip("playwright.sync_api")
 
 IMAGES = ROOT / "docs" / "images"
 XSS = "<script>alert(1)</script>"
@@ -107,7 +106,11 @@ def dashboard(client: Client) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    with playwright_api.sync_playwright() as p:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as e:  # the dev extra installs it; CI fails without it
+        _unavailable("Playwright for Python (pip install -e '.[dev]')", e)
+    with sync_playwright() as p:
         b = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox", "--disable-dev-shm-usage"])
         try:
             yield b
