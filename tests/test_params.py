@@ -332,3 +332,13 @@ tasks:
     )
     # echo always succeeds: failed with no output, neither handler ran.
     assert rows["use"].output is None and rows["tmpl"].output is None
+
+
+def test_compile_lists_the_declared_params() -> None:
+    from click.testing import CliRunner
+
+    from taskexec.cli import main
+
+    r = CliRunner().invoke(main, ["compile", "examples/params.yaml"])
+    assert r.exit_code == 0, r.output
+    assert '  param greeting: string, default "Hello"\n  param repeat: int, default 2\n' in r.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -65,6 +66,9 @@ def compile_(plan: str, as_json: bool, variant: str | None, brief: bool) -> None
                 click.echo(_stage_lines(k, stage))
         for mx in m.matrices:
             click.echo(f"  matrix {mx.task}: {_matrix_line(mx)}")
+        for name, spec in m.params.items():
+            shown = "required" if spec.required else f"default {json.dumps(spec.default)}"
+            click.echo(f"  param {name}: {spec.type or 'any'}, {shown}")
 
 
 #: Tasks of a stage ``compile --brief`` shows.
