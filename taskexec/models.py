@@ -314,8 +314,20 @@ class RunStatistics(_Frozen):
         counts: dict[str, int] = {}
         for t in tasks:
             counts[t.status.value] = counts.get(t.status.value, 0) + 1
+        return cls.counted(
+            counts,
+            retries=sum(max(0, t.attempts - 1) for t in tasks),
+            throttled=sum(t.throttled for t in tasks),
+            duration_seconds=duration_seconds,
+        )
+
+    @classmethod
+    def counted(
+        cls, counts: dict[str, int], *, retries: int, throttled: int, duration_seconds: float | None
+    ) -> RunStatistics:
+        """Statistics from the number of tasks in each status (as a database counts them)."""
         return cls(
-            total=len(tasks),
+            total=sum(counts.values()),
             succeeded=counts.get("succeeded", 0),
             failed=counts.get("failed", 0),
             validation_failed=counts.get("validation_failed", 0),
@@ -325,9 +337,9 @@ class RunStatistics(_Frozen):
             skipped=counts.get("skipped", 0),
             pending=counts.get("pending", 0),
             waiting_approval=counts.get("waiting_approval", 0),
-            running=sum(1 for t in tasks if t.status.active),
-            retries=sum(max(0, t.attempts - 1) for t in tasks),
-            throttled=sum(t.throttled for t in tasks),
+            running=sum(n for s, n in counts.items() if TaskStatus(s).active),
+            retries=retries,
+            throttled=throttled,
             duration_seconds=duration_seconds,
         )
 

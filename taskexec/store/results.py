@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from taskexec.errors import RunNotFoundError
@@ -200,13 +200,19 @@ def list_runs(
 
 
 def _live_statistics(session: Session, run: Run) -> RunStatistics:
+    """A run's statistics counted now, in the database: one row per status, not per task."""
+    retries = func.sum(case((Execution.attempts > 1, Execution.attempts - 1), else_=0))
     rows = session.execute(
-        select(Execution.status, Execution.attempts, Execution.throttled).where(
-            Execution.run_id == run.run_id
-        )
+        select(Execution.status, func.count(), retries, func.sum(func.coalesce(Execution.throttled, 0)))
+        .where(Execution.run_id == run.run_id)
+        .group_by(Execution.status)
     ).all()
-    tasks = [
-        TaskResult(id=str(i), status=TaskStatus(s), attempts=a, throttled=t or 0)
-        for i, (s, a, t) in enumerate(rows)
-    ]
-    return _statistics(run, tasks)
+    counts = {status: n for status, n, _, _ in rows}
+    end = run.finished_at or utcnow()
+    duration = round((end - run.started_at).total_seconds(), 3) if run.started_at else None
+    return RunStatistics.counted(
+        counts,
+        retries=sum(int(r or 0) for _, _, r, _ in rows),
+        throttled=sum(int(t or 0) for _, _, _, t in rows),
+        duration_seconds=duration,
+    )
