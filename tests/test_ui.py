@@ -26,6 +26,7 @@ from taskexec import Client, RunStatus, TaskStatus
 from taskexec.cli import main
 from taskexec.errors import InvalidInputError
 from taskexec.models import ErrorCode, ManifestTask, RunManifest
+from taskexec.schedules import add_schedule
 from taskexec.settings import Settings
 from taskexec.store import Store
 from taskexec.store import repository as repo
@@ -371,3 +372,46 @@ def test_assets_are_vendored_and_packaged() -> None:
         assert "http://" not in p.read_text() and "https://" not in p.read_text(), p
     assert '"ui/templates/*.html", "ui/static/*"' in (ROOT / "pyproject.toml").read_text()
     assert RunStatus.SUCCEEDED.value  # the statuses the templates colour
+
+
+def test_a_large_run_is_drawn_as_stage_summaries(store: Store) -> None:
+    tasks = [ManifestTask(id=f"s{k}-{i}", stage=k, handler="stub") for k in range(3) for i in range(120)]
+    manifest = RunManifest(
+        plan_id="big", stages=[[t.id for t in tasks if t.stage == k] for k in range(3)], tasks=tasks
+    )
+    run_id = uuid.uuid4().hex
+    with store.begin() as s:
+        repo.add_run(s, run_id, manifest)
+    board = Board(Settings(database_url=str(store.url)), store, None)
+    with TestClient(create_app(board, EventHub(None))) as c:
+        html = c.get(f"/runs/{run_id}").text
+        assert "collapsed to stages" in html
+        nodes = re.findall(r"<text [^>]*>stage (\d): (\d+) tasks</text>", html)
+        assert nodes == [("0", "120"), ("1", "120"), ("2", "120")]
+        assert (
+            html.count('class="edge"') == 2
+            and "data-task=" not in html.split('id="graph"')[1].split("</svg>")[0]
+        )
+        # The task table pages through them all.
+        assert re.search(r"1\u201350 of 360", html)
+        last = c.get(f"/runs/{run_id}", params={"offset": 350}).text
+        assert len(re.findall(r'<tr data-task="', last)) == 10
+
+
+def test_the_fleet_page_without_a_fleet_lists_the_schedules(store: Store) -> None:
+    manifest = RunManifest(
+        plan_id="nightly", stages=[["t"]], tasks=[ManifestTask(id="t", stage=0, handler="stub")]
+    )
+    with store.begin() as s:
+        add_schedule(s, [manifest], every_seconds=600, schedule_id="every-10m")
+        add_schedule(s, [manifest], cron_expr="0 3 * * *", schedule_id="nightly-3am")
+    board = Board(Settings(database_url=str(store.url)), store, None)
+    with TestClient(create_app(board, EventHub(None))) as c:
+        html = c.get("/fleet").text
+    assert "no fleet configured" in html
+    row = r'<tr data-schedule="([^"]+)"><td class="mono">[^<]+</td><td>nightly</td>'
+    found = re.findall(row + r'<td class="mono">([^<]+)</td><td>([^<]+)</td>', html)
+    rows = {sid: (trigger, next_at) for sid, trigger, next_at in found}
+    assert rows["every-10m"][0] == "every 600s" and rows["nightly-3am"][0] == "cron 0 3 * * *"
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", n) for _, n in rows.values())  # next firings
+    assert "Disable" not in html  # no fleet: read only

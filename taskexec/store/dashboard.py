@@ -13,14 +13,13 @@ import base64
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from taskexec.errors import InvalidInputError, RunNotFoundError
 from taskexec.models import RunStatistics, RunStatus, RunSummary, TaskStatus
-from taskexec.store.tables import Execution, ExecutionLog, ExecutionMetric, Run, Schedule, utcnow
+from taskexec.store.tables import Execution, ExecutionLog, ExecutionMetric, Run, utcnow
 
 __all__ = [
     "Attempt",
@@ -36,7 +35,6 @@ __all__ = [
     "run_row",
     "run_summary",
     "runs_page",
-    "schedules",
     "stage_counts",
     "status_counts",
     "tasks_page",
@@ -451,24 +449,3 @@ def waiting_gates(session: Session, tenant: str | None = None, *, limit: int = 2
             )
         )
     return out
-
-
-def schedules(session: Session) -> list[dict[str, Any]]:
-    """The schedules with what the fleet page shows of them."""
-    rows = session.scalars(select(Schedule).order_by(Schedule.id))
-    return [
-        {
-            "id": r.id,
-            "plan_id": r.plan_id,
-            "cron": r.cron,
-            "every_seconds": r.every_seconds,
-            "enabled": r.enabled,
-            "tenant": r.tenant,
-            "last_run_at": r.last_run_at,
-            "last_run_ids": r.last_run_ids or [],
-            "last_outcome": r.last_outcome,
-            "fired": r.fired,
-            "skipped": r.skipped,
-        }
-        for r in rows
-    ]

@@ -211,11 +211,6 @@ class Board:
         with self.store.begin() as s:
             return q.waiting_gates(s, access.tenant)
 
-    def schedules(self) -> list[dict[str, Any]]:
-        """The schedules (operators only: tenants see none)."""
-        with self.store.begin() as s:
-            return q.schedules(s)
-
     # ---- actions: the Client's calls, as the CLI makes them ----
 
     def _client(self) -> Client:

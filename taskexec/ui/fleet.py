@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime, timedelta
 
 from redis import RedisError
 
@@ -14,11 +14,12 @@ from taskexec.celery_app import QUEUES
 from taskexec.errors import TaskexecError
 from taskexec.metrics.collectors import priority_lists
 from taskexec.models import FlowState
-from taskexec.schedules import set_enabled
+from taskexec.schedules import ScheduleInfo, cron, list_schedules, set_enabled
 from taskexec.store import repository as repo
+from taskexec.store.tables import utcnow
 from taskexec.ui.board import Board
 
-__all__ = ["FleetView", "fleet_view", "set_schedule"]
+__all__ = ["FleetView", "fleet_view", "next_firing", "set_schedule"]
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,14 @@ class FleetView:
     workers: list[Worker] = field(default_factory=list)
     queues: dict[str, int] = field(default_factory=dict)
     flows: list[tuple[str, FlowState]] = field(default_factory=list)
-    schedules: list[dict[str, Any]] = field(default_factory=list)
+    schedules: list[tuple[ScheduleInfo, datetime | None]] = field(default_factory=list)  # and next firing
     problems: list[str] = field(default_factory=list)
 
 
 def fleet_view(board: Board) -> FleetView:
     """Workers, queues, flow and schedules; what could not be read is listed in ``problems``."""
-    view = FleetView(schedules=board.schedules())
+    with board.store.begin() as s:
+        view = FleetView(schedules=[(info, next_firing(info)) for info in list_schedules(s)])
     client = board.client
     if client is None:
         view.problems.append("no fleet configured: the workers and queues are not shown")
@@ -94,6 +96,32 @@ def fleet_view(board: Board) -> FleetView:
             if flow.limits or flow.concurrency:
                 view.flows.append((run_id, flow))
     return view
+
+
+def next_firing(info: ScheduleInfo) -> datetime | None:
+    """When a schedule fires next, as beat reckons it from its last firing (``None``:
+    disabled, or not computable).
+
+    >>> from datetime import UTC
+    >>> at = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    >>> info = ScheduleInfo(id="s", plan_id="p", variants=[], cron=None, every_seconds=600,
+    ...     overlap="skip", tenant=None, labels={}, enabled=True, created_at=at, last_run_at=at,
+    ...     last_fired_at=None, last_run_ids=[], last_outcome=None, fired=1, skipped=0)
+    >>> next_firing(info).isoformat()
+    '2026-01-01T12:10:00+00:00'
+    """
+    if not info.enabled:
+        return None
+    last = info.last_run_at or info.created_at
+    if info.every_seconds is not None:
+        return last + timedelta(seconds=info.every_seconds)
+    if info.cron is None:
+        return None
+    try:
+        remaining: timedelta = cron(info.cron).remaining_estimate(last)
+    except (ValueError, TypeError, OverflowError):
+        return None
+    return utcnow() + remaining
 
 
 def set_schedule(board: Board, schedule_id: str, enabled: bool) -> None:
