@@ -33,7 +33,8 @@ from taskexec.services import Services
 from taskexec.settings import Settings
 from taskexec.store import Store
 from taskexec.store import repository as repo
-from taskexec.ui import serve_in_background
+from taskexec.ui import dashboard_for, serve_in_background
+from taskexec.ui.security import Access
 from tests.conftest import ROOT, Fleet, _unavailable, make_fleet_env, wait_for
 from tests.test_report_browser import chromium
 
@@ -249,6 +250,13 @@ def test_an_embedded_runs_events_reach_the_dashboard(tmp_path: Path, monkeypatch
             lambda: client.status(run_id).tasks[0].status is TaskStatus.WAITING_APPROVAL,
             what="the gate waiting",
         )
+        # What `taskexec ui` does from another shell: it attaches to the embedded run in progress.
+        attached = dashboard_for(Settings(home=tmp_path / "home"))
+        try:
+            assert attached.board.can_act and attached.hub.live
+            assert attached.board.approvals(Access("ana"))[0].task_id == "gate"
+        finally:
+            attached.close()
         url, stop = serve_in_background(client.services)
         try:
             with httpx.Client(base_url=url, timeout=30) as http:
