@@ -110,6 +110,10 @@ def test_the_run_page_shows_stages_graph_timeline_and_tasks(h: Harness) -> None:
         html = page.text
         assert run_id in html and "ui-demo" in html
         # Per stage: stage 0 ended 1/1, stage 1 (score x3, broken, gate) 4/5 ended.
+        stats = dict(
+            (k, int(v)) for v, k in re.findall(r'<div class="stat[^"]*"><b>(\d+)</b> (\w+)</div>', html)
+        )
+        assert stats["retries"] == 1 and stats["failed"] == 1 and stats["waiting"] == 1  # counted live
         stages = dict(re.findall(r'data-stage="(\d+)" data-ended="(\d+)"', html))
         assert stages == {"0": "1", "1": "4", "2": "0"}
         # The graph: the matrix folded into one node, an edge per dependency.
@@ -415,3 +419,10 @@ def test_the_fleet_page_without_a_fleet_lists_the_schedules(store: Store) -> Non
     assert rows["every-10m"][0] == "every 600s" and rows["nightly-3am"][0] == "cron 0 3 * * *"
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", n) for _, n in rows.values())  # next firings
     assert "Disable" not in html  # no fleet: read only
+
+
+def test_the_fleet_page_says_what_it_could_not_read(h: Harness) -> None:
+    with web(h) as c:
+        page = c.get("/fleet")
+    assert page.status_code == 200
+    assert "workers not inspected" in page.text and "queue lengths not read" in page.text

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ColumnElement, and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from taskexec.errors import InvalidInputError, RunNotFoundError
@@ -112,17 +112,23 @@ def run_summary(session: Session, run: Run) -> RunSummary:
     if run.statistics is not None:
         stats = RunStatistics.model_validate(run.statistics)
     else:
+        retried = case((Execution.attempts > 1, Execution.attempts - 1), else_=0)
         rows = session.execute(
-            select(Execution.status, func.count())
+            select(
+                Execution.status,
+                func.count(),
+                func.coalesce(func.sum(retried), 0),
+                func.coalesce(func.sum(Execution.throttled), 0),
+            )
             .where(Execution.run_id == run.run_id)
             .group_by(Execution.status)
         ).all()
-        counts = {s: n for s, n in rows}
         end = run.finished_at or utcnow()
         duration = (end - run.started_at).total_seconds() if run.started_at else None
-        stats = RunStatistics(
-            total=sum(counts.values()),
-            **{k: v for k, v in counts.items() if k in RunStatistics.model_fields},
+        stats = RunStatistics.counted(
+            {status: n for status, n, _, _ in rows},
+            retries=int(sum(r for _, _, r, _ in rows)),
+            throttled=int(sum(t for _, _, _, t in rows)),
             duration_seconds=round(duration, 3) if duration is not None else None,
         )
     return RunSummary(

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from redis import RedisError
 
 from taskexec.celery_app import QUEUES
-from taskexec.errors import TaskexecError
+from taskexec.errors import ServiceUnavailableError, TaskexecError
 from taskexec.metrics.collectors import priority_lists
 from taskexec.models import FlowState
 from taskexec.schedules import ScheduleInfo, cron, list_schedules, set_enabled
@@ -75,7 +75,7 @@ def fleet_view(board: Board) -> FleetView:
                     total=dict((stats.get(name) or {}).get("total") or {}),
                 )
             )
-    except (RedisError, OSError) as e:
+    except Exception as e:  # a broadcast fails in transport-specific ways: say so, show the rest
         view.problems.append(f"workers not inspected: {e}")
     try:
         options = client.app.conf.broker_transport_options or {}
@@ -86,7 +86,7 @@ def fleet_view(board: Board) -> FleetView:
                 pipe.llen(name)
         sizes = iter(pipe.execute())
         view.queues = {q: sum(int(next(sizes)) for _ in names) for q, names in lists.items()}
-    except (RedisError, OSError) as e:
+    except (RedisError, OSError, ServiceUnavailableError) as e:
         view.problems.append(f"queue lengths not read: {e}")
     with board.store.begin() as s:
         running = [r[0] for r in repo.runs_in_flight(s)][:MAX_FLOWS]
