@@ -296,6 +296,8 @@ def test_runs_list_pages_newest_first_with_filters_and_counts(store: Store) -> N
         nxt = c.get("/api/v1/runs", params={"limit": 10, "cursor": api["next_cursor"]}).json()
         assert [r["run_id"] for r in nxt["runs"]] == ids[::-1][10:20]
         assert c.get("/api/v1/runs", params={"cursor": "garbage"}).status_code == 400
+        bad = c.get("/api/v1/runs", params={"limit": "many"})
+        assert bad.status_code == 400 and bad.json()["error"].startswith("E001 limit: ")
         assert c.get("/?status=nope").status_code == 400
         # No fleet behind this store: no action is offered.
         assert "Cancel run" not in c.get(f"/runs/{ids[0]}").text

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from urllib.parse import quote, urlencode
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -139,6 +140,16 @@ def create_app(board: Board, hub: EventHub, *, auth: Auth | None = None, read_on
 
     def wants_json(request: Request) -> bool:
         return request.url.path.startswith("/api/")
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> Response:
+        """A query or body that does not parse: one line naming E001 and the field, as the CLI says it."""
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "body", "path"))
+        message = f"E001 {where or 'request'}: {first.get('msg', 'invalid')}"
+        if wants_json(request):
+            return JSONResponse({"error": message, "code": "E001"}, status_code=400)
+        return render(request, "error.html", status_code=400, message=message)
 
     @app.exception_handler(TaskexecError)
     async def taskexec_error(request: Request, exc: TaskexecError) -> Response:
