@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from typing import TYPE_CHECKING
@@ -65,6 +66,9 @@ __all__ = ["cancel", "results", "resume", "run", "runs_", "status", "submit", "w
     help="Override the plan's execution: stages (a barrier after each stage) or dag (each task as "
     "soon as its own upstream tasks have ended).",
 )
+@click.option(
+    "--ui", "with_ui", is_flag=True, help="Also serve the run dashboard while waiting (prints its URL)."
+)
 @params_options
 @user_errors
 def run(
@@ -78,6 +82,7 @@ def run(
     execution: str | None = None,
     param_pairs: tuple[str, ...] = (),
     params_file: str | None = None,
+    with_ui: bool = False,
 ) -> None:
     """Submit every variant of PLAN and wait for the runs (embedded mode without a broker).
 
@@ -113,6 +118,7 @@ def run(
                     run_ids=fleet.runs,
                     check=fleet.check,
                     stop_after=fleet.stop_grace,
+                    ui=with_ui,
                 )
                 fleet.timings["execution"] = time.monotonic() - t0
         except KeyboardInterrupt as e:
@@ -135,7 +141,7 @@ def run(
         run_ids: list[str] = []
         try:
             results = _run_and_wait(
-                make_client(settings), found, tenant, label_map, as_json, timeout, run_ids=run_ids
+                make_client(settings), found, tenant, label_map, as_json, timeout, run_ids=run_ids, ui=with_ui
             )
         except KeyboardInterrupt as e:
             if not run_ids:
@@ -210,18 +216,26 @@ def _run_and_wait(
     run_ids: list[str],
     check: Callable[[], None] | None = None,
     stop_after: float | None = None,
+    ui: bool = False,
 ) -> list[RunResult]:
     """Submit, follow the runs to their end (live on a terminal) and return the results.
 
     ``run_ids`` receives each run's id as soon as it is submitted (an embedded fleet settles
     them if it has to stop early); ``check`` raises when the fleet running them died. With
     ``stop_after`` (embedded mode), runs that have not ended after ``timeout`` seconds are
-    stopped (they end ``timed_out``) and followed that much longer to their end.
+    stopped (they end ``timed_out``) and followed that much longer to their end. With ``ui``
+    the dashboard is served meanwhile (its URL on stderr: stdout's first line stays the id).
     """
     from taskexec import live
     from taskexec.run import producer
 
-    with client:
+    with client, contextlib.ExitStack() as stack:
+        if ui:
+            from taskexec.ui import serve_in_background
+
+            url, stop_ui = serve_in_background(client.services)
+            stack.callback(stop_ui)
+            click.echo(f"taskexec: dashboard at {url}", err=True)
         for manifest in found:
             run_ids.append(client.submit_all([manifest], tenant=tenant, labels=labels)[0].run_id)
             if not as_json:  # the id first, on a terminal and piped: `taskexec status PREFIX`
