@@ -18,15 +18,20 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 from sqlalchemy import update
 
 import workers.tasks
-from taskexec import RunStatus, TaskStatus
+from taskexec import RunStatus, Settings, TaskStatus
+from taskexec.errors import PlanError
+from taskexec.metrics.families import FleetMetrics
+from taskexec.metrics.listeners import RunDurations
 from taskexec.models import ErrorCode
 from taskexec.run import producer
 from taskexec.run import reconcile as reconciler
 from taskexec.run.dispatch import dispatch, release
 from taskexec.store import repository as repo
+from taskexec.store import results
 from taskexec.store.tables import Execution, utcnow
 from tests import standin
 from tests.standin import Harness
@@ -361,3 +366,51 @@ def test_random_dags_end_alike_in_both_modes_and_no_task_starts_before_its_upstr
             h.app.sent.clear()
     assert ended["dag"] == ended["stages"]
     assert ended["dag"][0] in ("succeeded", "failed")
+
+
+# ---------------------------------------------------------------- metrics
+
+
+class _Reader:
+    """What :class:`RunDurations` reads through a client: a run's result and the store."""
+
+    def __init__(self, h: Harness) -> None:
+        self.store = h.svc.store
+
+    def status(self, run_id: str) -> Any:
+        with self.store.begin() as s:
+            return results.run_result(s, run_id)
+
+
+def test_an_ended_dag_run_observes_its_edge_latencies(harness: Harness) -> None:
+    registry = CollectorRegistry()
+    durations = RunDurations(FleetMetrics(registry), None)
+    durations.client = _Reader(harness)  # type: ignore[assignment]
+    run_id = start(harness, DIAMOND)
+    for task in ("a", "slow", "b", "c", "d"):
+        harness.execute(run_id, task, detached=True)
+    durations._read(run_id, "succeeded", None)
+    # b, c and d each started after their last upstream task ended: three edges observed.
+    assert registry.get_sample_value("taskexec_edge_latency_seconds_count") == 3
+    assert registry.get_sample_value("taskexec_run_duration_seconds_count", {"status": "succeeded"}) == 1
+    stages_run = start(harness, DIAMOND, "stages")
+    durations._read(stages_run, "running", None)
+    assert registry.get_sample_value("taskexec_edge_latency_seconds_count") == 3  # stages: none
+    durations.pool.shutdown()
+
+
+# ---------------------------------------------------------------- the plan's field
+
+
+def test_execution_is_read_from_the_plan_or_its_defaults_and_recorded_in_the_manifest() -> None:
+    settings = Settings()
+    one = "tasks: [{id: a, handler: stub}]\n"
+    assert standin.manifest(one, settings).execution == "stages"
+    assert standin.manifest("execution: dag\n" + one, settings).execution == "dag"
+    assert standin.manifest("defaults: {execution: dag}\n" + one, settings).execution == "dag"
+    assert '"execution":"dag"' in standin.manifest("execution: dag\n" + one, settings).model_dump_json()
+    with pytest.raises(PlanError, match="set execution once") as caught:
+        standin.manifest("execution: dag\ndefaults: {execution: stages}\n" + one, settings)
+    assert caught.value.code == "E001"
+    with pytest.raises(PlanError, match="'stages' or 'dag'"):
+        standin.manifest("execution: fast\n" + one, settings)

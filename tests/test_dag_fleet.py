@@ -23,6 +23,7 @@ from taskexec.settings import Settings
 from taskexec.store.manifests import compiled_run
 from tests.conftest import ROOT, Fleet, wait_for
 from tests.test_embedded import LIMIT, assert_nothing_left, env_for, home  # noqa: F401 - a fixture
+from tests.test_flow_control import assert_within_limit
 
 pytestmark = pytest.mark.integration
 
@@ -153,3 +154,32 @@ def test_an_embedded_dag_run(home: Path) -> None:  # noqa: F811 - the fixture
     assert t["skipped"]["error_code"] == "E009"
     assert t["next"]["finished_at"] < t["slow"]["finished_at"]  # not held behind slow's stage
     assert_nothing_left(home)
+
+
+def test_tasks_released_together_are_paced_at_their_buckets_rate(client: Client, tmp_path: Path) -> None:
+    """Twelve rate-limited tasks released at once by their upstream task's end go out with
+    ETAs at the bucket's pace: the limit holds, nothing runs twice, waits are not attempts."""
+    log = tmp_path / "starts.txt"
+    doc: dict[str, Any] = {
+        "execution": "dag",
+        "rate_limits": {"api": {"per_minute": 240, "burst": 2}},
+        "tasks": [
+            {"id": "first", "handler": "stub"},
+            *(
+                {
+                    "id": f"t{i}",
+                    "handler": "python:tests.handlers:record_start",
+                    "rate_limit": "api",
+                    "depends_on": ["first"],
+                    "params": {"file": str(log)},
+                }
+                for i in range(12)
+            ),
+        ],
+    }
+    result = client.submit(parse_plan(doc)).wait(timeout=90)
+    assert result.status is RunStatus.SUCCEEDED
+    assert {t.attempts for t in result.tasks} == {1}
+    times = sorted(float(line.split()[0]) for line in log.read_text().splitlines())
+    assert len(times) == 12
+    assert_within_limit(times, 4.0, 2)

@@ -96,12 +96,14 @@ def plan_of(
     }
 
 
+@pytest.mark.parametrize("execution", ["stages", "dag"])
 def test_a_limit_holds_across_four_workers_and_is_used_to_at_least_90_percent(
-    four: Fleet, tmp_path: Path
+    four: Fleet, tmp_path: Path, execution: str
 ) -> None:
     log = tmp_path / "starts.txt"
     with client_for(four) as client:
-        r = client.submit(parse_plan(plan_of(40, {"per_minute": 60, "burst": 5}, log))).wait(timeout=120)
+        plan = parse_plan(plan_of(40, {"per_minute": 60, "burst": 5}, log))
+        r = client.submit(plan, execution=execution).wait(timeout=120)
     assert r.status is RunStatus.SUCCEEDED, r.statistics
     times = starts(log)
     assert len(times) == 40
@@ -241,7 +243,8 @@ def max_overlap(spans: list[tuple[float, float]]) -> int:
     return peak
 
 
-def test_a_concurrency_cap_holds_across_workers(four: Fleet, tmp_path: Path) -> None:
+@pytest.mark.parametrize("execution", ["stages", "dag"])
+def test_a_concurrency_cap_holds_across_workers(four: Fleet, tmp_path: Path, execution: str) -> None:
     log = tmp_path / "spans.txt"
     span = {"file": str(log), "delay": 0.5}
     doc = {
@@ -256,7 +259,7 @@ def test_a_concurrency_cap_holds_across_workers(four: Fleet, tmp_path: Path) -> 
         ],
     }
     with client_for(four) as client:
-        result = client.submit(parse_plan(doc)).wait(timeout=120)
+        result = client.submit(parse_plan(doc), execution=execution).wait(timeout=120)
     assert result.status is RunStatus.SUCCEEDED
     spans = [(float(a), float(b)) for a, b, *_ in (line.split() for line in log.read_text().splitlines())]
     assert len(spans) == 12

@@ -25,7 +25,7 @@ from taskexec.run.messages import Publication, publish
 from taskexec.run.ratelimit import RateLimiter, bucket_key
 from taskexec.services import Services
 from taskexec.store import repository as repo
-from taskexec.store.manifests import compiled_run
+from taskexec.store.manifests import cached_run, compiled_run
 from taskexec.store.tables import utcnow
 
 __all__ = ["dispatch", "release", "republish", "resend"]
@@ -88,9 +88,7 @@ def dispatch(svc: Services, run_id: str, stage: int) -> None:
     ``cancelled`` (E004). An ``execution: dag`` run has one dispatch, its first: the tasks
     without upstream tasks (:func:`_dispatch_dag`).
     """
-    with svc.store.begin() as s:
-        dag = repo.is_dag(s, run_id)
-    if dag:
+    if _is_dag(svc, run_id):
         _dispatch_dag(svc, run_id)
         return
     while True:
@@ -195,11 +193,11 @@ def _advance_dag(svc: Services, run_id: str) -> None:
             over = True
         else:
             publication = Publication.new([], run.epoch, detached=True)
-            taken = repo.claim_ready(s, run_id, publication.token)
+            taken = repo.claim_ready(s, run_id, publication.token) if run.ready else []
             publication.tasks = _by_priority([cr.tasks[t] for t in taken])
             publication.pace = _pacing(svc, m, run_id, run.tenant, publication.tasks)
             repo.set_due(s, run_id, publication.pace)
-            over = not taken and not repo.unfinished(s, run_id)
+            over = not taken and not run.unfinished
     events.publish(svc.redis, changes)
     if publication is not None and publication.tasks:
         publish(svc, run_id, None, publication)
@@ -207,6 +205,16 @@ def _advance_dag(svc: Services, run_id: str) -> None:
         dispatch(svc, run_id, 0)  # its first dispatch never happened
     elif over:
         finalize(svc, run_id)
+
+
+def _is_dag(svc: Services, run_id: str) -> bool:
+    """Whether the run is ``execution: dag``: from this process's manifest cache when it has
+    the run (no transaction: this is asked after every task of a run ends)."""
+    cached = cached_run(run_id)
+    if cached is not None:
+        return cached.manifest.execution == "dag"
+    with svc.store.begin() as s:
+        return repo.is_dag(s, run_id)
 
 
 def _by_priority(tasks: list[ManifestTask]) -> list[ManifestTask]:
@@ -222,9 +230,7 @@ def release(svc: Services, run_id: str) -> None:
     reconciler, until nothing is held; then the run goes on to its next stage, or ends.
     A ``dag`` run sends what its settled tasks released instead (:func:`_advance_dag`).
     """
-    with svc.store.begin() as s:
-        dag = repo.is_dag(s, run_id)
-    if dag:
+    if _is_dag(svc, run_id):
         _advance_dag(svc, run_id)
         return
     changes: list[Change] = []

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from taskexec.models import ManifestTask, RunManifest
 from taskexec.store import repository as repo
 
-__all__ = ["CACHE_BYTES", "CompiledRun", "compiled_run"]
+__all__ = ["CACHE_BYTES", "CompiledRun", "cached_run", "compiled_run"]
 
 #: Manifest JSON kept parsed per process, in bytes; the least recently used go first (the
 #: manifest in use always stays, however large).
@@ -56,6 +56,11 @@ class _Cache:
 
 
 _cache = _Cache(CACHE_BYTES)
+
+
+def cached_run(run_id: str) -> CompiledRun | None:
+    """The run's parsed manifest if this process has it, without a transaction."""
+    return _cache.get(run_id)
 
 
 def compiled_run(session: Session, run_id: str) -> CompiledRun:

@@ -34,6 +34,7 @@ __all__ = [
     "RunHead",
     "claim_ready",
     "is_dag",
+    "ready_token",
     "reset_blockers",
     "run_head",
     "settle_downstream",
@@ -41,6 +42,8 @@ __all__ = [
 ]
 
 _T = TaskStatus
+#: The statuses of a task not yet ended.
+_OPEN = [s.value for s in TaskStatus if not s.terminal]
 
 #: Prefix of the outbox token of a task released by its upstream's settle, not yet taken by
 #: a publisher: ``r:<run id>``, one token per run, so that a publisher finds them by the
@@ -146,13 +149,25 @@ class RunHead:
     epoch: int
     tenant: str | None
     started_at: datetime | None
+    #: Whether released tasks wait for a publisher (:func:`claim_ready`).
+    ready: bool = False
+    #: Whether a task of the run has not ended (:func:`unfinished`).
+    unfinished: bool = True
 
 
 def run_head(session: Session, run_id: str) -> RunHead:
-    """The run's status, stop reason, cursor, epoch, tenant and start (:class:`RunNotFoundError`)."""
-    r = RUNS.c
+    """The run's status, stop reason, cursor, epoch, tenant and start, and whether it has
+    released tasks to send and tasks not ended: one query, asked after every task of a dag
+    run ends (:class:`RunNotFoundError` when there is no such run)."""
+    r, e = RUNS.c, EXECUTIONS.c
+    ready = (
+        select(e.task_id)
+        .where(e.run_id == run_id, e.outbox == ready_token(run_id), e.status == _T.QUEUED.value)
+        .exists()
+    )
+    open_ = select(e.task_id).where(e.run_id == run_id, e.status.in_(_OPEN)).exists()
     row = session.execute(
-        select(r.status, r.stop_reason, r.stage_cursor, r.epoch, r.tenant, r.started_at).where(
+        select(r.status, r.stop_reason, r.stage_cursor, r.epoch, r.tenant, r.started_at, ready, open_).where(
             r.run_id == run_id
         )
     ).one_or_none()
@@ -179,10 +194,9 @@ def claim_ready(session: Session, run_id: str, token: str) -> list[str]:
 
 def unfinished(session: Session, run_id: str) -> bool:
     """Whether any task of the run has not ended (one row looked up, not the run's all)."""
-    open_ = [s.value for s in TaskStatus if not s.terminal]
     stmt = (  # an index lookup per status (ix_executions_run_status), however large the run
         select(EXECUTIONS.c.task_id)
-        .where(EXECUTIONS.c.run_id == run_id, EXECUTIONS.c.status.in_(open_))
+        .where(EXECUTIONS.c.run_id == run_id, EXECUTIONS.c.status.in_(_OPEN))
         .limit(1)
     )
     return session.execute(stmt).first() is not None
