@@ -338,7 +338,7 @@ def dags(draw: st.DrawFn) -> tuple[list[list[int]], list[bool], list[float]]:
     return deps, fails, durations
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(dag=dags())
 def test_random_dags_end_alike_in_both_modes_and_no_task_starts_before_its_upstreams(
     tmp_path_factory: pytest.TempPathFactory, dag: tuple[list[list[int]], list[bool], list[float]]
