@@ -197,6 +197,9 @@ def _advance_dag(svc: Services, run_id: str) -> None:
             publication.tasks = _by_priority([cr.tasks[t] for t in taken])
             publication.pace = _pacing(svc, m, run_id, run.tenant, publication.tasks)
             repo.set_due(s, run_id, publication.pace)
+            # Their move to queued was committed by the settle that released them, whose
+            # worker published only its own task's change: the run event goes out here.
+            changes += [Change(run_id, t, _T.QUEUED.value) for t in taken]
             over = not taken and not run.unfinished
     events.publish(svc.redis, changes)
     if publication is not None and publication.tasks:
