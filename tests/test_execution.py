@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import sys
+import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -308,10 +309,11 @@ def test_execute_runs_one_task_synchronously(client: Client) -> None:
     assert done.output["stdout"].strip() == "hi"
     failed = client.execute("stub", {"behavior": "failure"}, timeout=30)
     assert (failed.status, failed.error_code) == (TaskStatus.FAILED, "E003")
-    listed = client.runs(label=("kind", "probe"))
+    kind = f"probe-{uuid.uuid4().hex[:8]}"  # the fleet (and its store) serves both modes' runs
+    listed = client.runs(label=("kind", kind))
     assert listed == []
-    client.execute("stub", labels={"kind": "probe"}, tenant="team-a")
-    [probe] = client.runs(label=("kind", "probe"))
+    client.execute("stub", labels={"kind": kind}, tenant="team-a")
+    [probe] = client.runs(label=("kind", kind))
     assert probe.tenant == "team-a" and probe.plan_id == "execute"
 
 
