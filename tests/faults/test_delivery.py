@@ -170,7 +170,11 @@ def test_the_control_worker_killed_between_commit_and_publish_of_a_large_stage(w
     3,000-task stage and before its publication left every row ``queued`` with no message.
     The rows are an outbox: the reconciler sends them after the grace period."""
     world.fleet.start_many(("executor,validator", 2, "w1"), ("executor", 2, "w2"))
-    client, run_id = submit(world, stages(world, [1, 600], delay=0.0))
+    plan = stages(world, [1, 600], delay=0.0)
+    # Stage 0's task lasts long enough for the point to be armed before stage 1's dispatch
+    # (a stage 0 that ended at once was dispatched past the point before it was armed).
+    plan["tasks"][0]["tasks"] = [ledger_task(world, tid="t0_0", delay=2.0)]
+    client, run_id = submit(world, plan)
     wait_until(world.started, 30, "stage 0 running")
     world.arm("dispatch.committed")
     result = wait_end(client, run_id, timeout=180)
