@@ -40,6 +40,16 @@ if TYPE_CHECKING:
 __all__ = ["cancel", "results", "resume", "run", "runs_", "status", "submit", "watch"]
 
 
+#: ``--execution`` of ``run`` and ``submit``.
+execution_option = click.option(
+    "--execution",
+    type=click.Choice(["stages", "dag"]),
+    default=None,
+    help="Override the plan's execution: stages (a barrier after each stage) or dag (each task as "
+    "soon as its own upstream tasks have ended).",
+)
+
+
 @click.command()
 @click.argument("plan", type=click.Path(dir_okay=True))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of run results.")
@@ -59,15 +69,9 @@ __all__ = ["cancel", "results", "resume", "run", "runs_", "status", "submit", "w
     default=None,
     help="Also write the runs' results as JUnit XML to this file (for CI).",
 )
+@execution_option
 @click.option(
-    "--execution",
-    type=click.Choice(["stages", "dag"]),
-    default=None,
-    help="Override the plan's execution: stages (a barrier after each stage) or dag (each task as "
-    "soon as its own upstream tasks have ended).",
-)
-@click.option(
-    "--ui", "with_ui", is_flag=True, help="Also serve the run dashboard while waiting (prints its URL)."
+    "--ui", "with_ui", is_flag=True, help="Also serve the run dashboard while waiting (its URL on stderr)."
 )
 @params_options
 @user_errors
@@ -277,13 +281,7 @@ def _print_results(results: list[RunResult], *, as_json: bool, junit: str | None
 @click.option("--variant", default=None, help="Submit only this variant.")
 @click.option("--tenant", default=None, help="Tenant to record with the runs.")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label the runs (repeatable).")
-@click.option(
-    "--execution",
-    type=click.Choice(["stages", "dag"]),
-    default=None,
-    help="Override the plan's execution: stages (a barrier after each stage) or dag (each task as "
-    "soon as its own upstream tasks have ended).",
-)
+@execution_option
 @params_options
 @user_errors
 def submit(

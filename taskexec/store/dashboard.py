@@ -14,11 +14,12 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, and_, case, func, or_, select
+from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from taskexec.errors import InvalidInputError, RunNotFoundError
-from taskexec.models import RunStatistics, RunStatus, RunSummary, TaskStatus
+from taskexec.models import RunStatus, RunSummary, TaskStatus
+from taskexec.store.results import run_summary
 from taskexec.store.tables import Execution, ExecutionLog, ExecutionMetric, Run, utcnow
 
 __all__ = [
@@ -105,43 +106,6 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         return datetime.fromisoformat(at), str(run_id)
     except (ValueError, TypeError) as e:
         raise InvalidInputError(f"not a page cursor: {cursor[:40]!r}", path="cursor") from e
-
-
-def run_summary(session: Session, run: Run) -> RunSummary:
-    """A run row as a summary: its stored statistics, or counted now while it goes on."""
-    if run.statistics is not None:
-        stats = RunStatistics.model_validate(run.statistics)
-    else:
-        retried = case((Execution.attempts > 1, Execution.attempts - 1), else_=0)
-        rows = session.execute(
-            select(
-                Execution.status,
-                func.count(),
-                func.coalesce(func.sum(retried), 0),
-                func.coalesce(func.sum(Execution.throttled), 0),
-            )
-            .where(Execution.run_id == run.run_id)
-            .group_by(Execution.status)
-        ).all()
-        end = run.finished_at or utcnow()
-        duration = (end - run.started_at).total_seconds() if run.started_at else None
-        stats = RunStatistics.counted(
-            {status: n for status, n, _, _ in rows},
-            retries=int(sum(r for _, _, r, _ in rows)),
-            throttled=int(sum(t for _, _, _, t in rows)),
-            duration_seconds=round(duration, 3) if duration is not None else None,
-        )
-    return RunSummary(
-        run_id=run.run_id,
-        plan_id=run.plan_id,
-        variant=run.variant,
-        status=RunStatus(run.status),
-        statistics=stats,
-        submitted_at=run.submitted_at,
-        finished_at=run.finished_at,
-        tenant=run.tenant,
-        labels=run.labels or {},
-    )
 
 
 def runs_page(session: Session, where: RunFilter, *, cursor: str | None = None, limit: int = 50) -> RunsPage:

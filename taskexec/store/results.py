@@ -19,7 +19,7 @@ from taskexec.store.manifests import compiled_run
 from taskexec.store.repository import get_run
 from taskexec.store.tables import Execution, ExecutionLog, ExecutionMetric, Run, utcnow
 
-__all__ = ["list_runs", "run_result", "task_result"]
+__all__ = ["list_runs", "run_result", "run_summary", "task_result"]
 
 
 def _statistics(run: Run, tasks: list[TaskResult]) -> RunStatistics:
@@ -177,42 +177,44 @@ def list_runs(
     for run in session.scalars(stmt):
         if label and (run.labels or {}).get(label[0]) != label[1]:
             continue
-        if run.statistics is not None:
-            stats = RunStatistics.model_validate(run.statistics)
-        else:
-            stats = _live_statistics(session, run)
-        out.append(
-            RunSummary(
-                run_id=run.run_id,
-                plan_id=run.plan_id,
-                variant=run.variant,
-                status=RunStatus(run.status),
-                statistics=stats,
-                submitted_at=run.submitted_at,
-                finished_at=run.finished_at,
-                tenant=run.tenant,
-                labels=run.labels or {},
-            )
-        )
+        out.append(run_summary(session, run))
         if len(out) >= limit:
             break
     return out
 
 
-def _live_statistics(session: Session, run: Run) -> RunStatistics:
-    """A run's statistics counted now, in the database: one row per status, not per task."""
-    retries = func.sum(case((Execution.attempts > 1, Execution.attempts - 1), else_=0))
-    rows = session.execute(
-        select(Execution.status, func.count(), retries, func.sum(func.coalesce(Execution.throttled, 0)))
-        .where(Execution.run_id == run.run_id)
-        .group_by(Execution.status)
-    ).all()
-    counts = {status: n for status, n, _, _ in rows}
-    end = run.finished_at or utcnow()
-    duration = round((end - run.started_at).total_seconds(), 3) if run.started_at else None
-    return RunStatistics.counted(
-        counts,
-        retries=sum(int(r or 0) for _, _, r, _ in rows),
-        throttled=sum(int(t or 0) for _, _, _, t in rows),
-        duration_seconds=duration,
+def run_summary(session: Session, run: Run) -> RunSummary:
+    """A run row as a summary: its stored statistics, or counted now while it goes on."""
+    if run.statistics is not None:
+        stats = RunStatistics.model_validate(run.statistics)
+    else:
+        retried = case((Execution.attempts > 1, Execution.attempts - 1), else_=0)
+        rows = session.execute(
+            select(
+                Execution.status,
+                func.count(),
+                func.coalesce(func.sum(retried), 0),
+                func.coalesce(func.sum(Execution.throttled), 0),
+            )
+            .where(Execution.run_id == run.run_id)
+            .group_by(Execution.status)
+        ).all()
+        end = run.finished_at or utcnow()
+        duration = (end - run.started_at).total_seconds() if run.started_at else None
+        stats = RunStatistics.counted(
+            {status: n for status, n, _, _ in rows},
+            retries=int(sum(r for _, _, r, _ in rows)),
+            throttled=int(sum(t for _, _, _, t in rows)),
+            duration_seconds=round(duration, 3) if duration is not None else None,
+        )
+    return RunSummary(
+        run_id=run.run_id,
+        plan_id=run.plan_id,
+        variant=run.variant,
+        status=RunStatus(run.status),
+        statistics=stats,
+        submitted_at=run.submitted_at,
+        finished_at=run.finished_at,
+        tenant=run.tenant,
+        labels=run.labels or {},
     )
